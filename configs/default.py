@@ -1,0 +1,162 @@
+"""Shared defaults for every dataset config: every number of the method lives here (SPEC.md).
+
+Dataset configs (brats.py, msd.py, inhouse.py, demo.py) start from `get_config()` and change
+what differs. Ablations are config variants of one model: `apply_method(config, 'baseline2')`,
+reached from the command line as `--config=configs/brats.py:baseline2`.
+"""
+import ml_collections
+
+METHODS = ('clfc', 'baseline1', 'baseline2', 'unet')
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.method = 'clfc'          # one of METHODS; set through apply_method().
+  c.fold = 0                 # test fold; -1 runs every fold.
+  c.methods = ('clfc', 'baseline1', 'baseline2')  # what the main job trains and compares.
+
+  # --- Where the data comes from (SPEC §2, §9) -----------------------------------------------
+  c.dataset = d = ml_collections.ConfigDict()
+  d.name = 'brats2019'
+  d.layout = 'brats'         # brats | msd | generic
+  d.root = ''                # the user's cohort folder (TFDS manual_dir); '' = not given.
+  d.normal_root = ''         # IXI-layout folder of normal T1s; '' = tumor-free-slice fallback.
+  d.modalities = ('t1', 't1ce', 't2', 'flair')   # order fixed; channel order of the backbone.
+  d.normal_modality = 't1'         # feeds the IntroVAE (t1c for the in-house set).
+  d.registration_modality = 't1'   # registered to the MNI152 T1 template.
+  d.label_name = 'seg'
+  d.allowed_labels = (0, 1, 2, 4)  # BraTS; MSD uses (0, 1, 2, 3).
+  d.file_pattern = '{case}_{modality}.nii.gz'   # generic layout: file name per modality.
+  d.msd_channels = ('flair', 't1', 't1ce', 't2')  # MSD Task01 4-D channel order, our names.
+
+  # --- Preprocessing (paper §3) ---------------------------------------------------------------
+  c.prep = p = ml_collections.ConfigDict()
+  p.spacing = 1.0            # mm; the MNI152 grid is resampled to this isotropic spacing.
+  p.crop_hw = (192, 160)     # in-plane size (H = anterior-posterior, W = left-right), multiple of 16.
+  p.affine_atol = 1e-3       # modalities' affines must agree to this (mm / direction cosines).
+  p.num_workers = 2          # processes preparing cases in parallel.
+  p.reg = r = ml_collections.ConfigDict()
+  r.histogram_bins = 32      # Mattes mutual information.
+  r.sampling_fraction = 0.05
+  r.learning_rate = 1.0
+  r.iterations = 100
+  r.shrink_factors = (4, 2, 1)
+  r.smoothing_sigmas = (2.0, 1.0, 0.0)   # in physical units (mm).
+  r.init = 'moments'         # centred-transform initialiser: moments | geometry.
+  p.hist = h = ml_collections.ConfigDict()
+  # Nyul & Udupa standard-scale landmarks (percentiles of brain intensities).
+  h.percentiles = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)
+  h.scale = (0.0, 1.0)       # standard-scale range that the 1st..99th percentiles map onto.
+  h.brain_threshold = 0.0    # voxels above this (in the registered image) are brain.
+
+  # --- Slices, folds, sampling, augmentation (SPEC §2, §7) -----------------------------------
+  c.data = dd = ml_collections.ConfigDict()
+  dd.k = 2                   # 2.5D half-width: 2K+1 slices per modality. K=0 is the code's 2D.
+  dd.num_folds = 5
+  dd.val_fraction = 0.1      # of the training patients, for model selection.
+  dd.split_seed = 42
+  dd.tumor_fraction = 1.0 / 3.0   # share of each batch drawn from slices containing tumor.
+  dd.min_brain_fraction = 0.01    # slices with less brain than this are not written to shards.
+  dd.tumor_free_margin = 3        # slices: normal-T1 fallback keeps slices this far from tumor.
+  dd.shuffle_buffer = 2048
+  dd.augment = a = ml_collections.ConfigDict()
+  a.enabled = True
+  a.flip_prob = 0.5          # per in-plane axis.
+  a.rotate_prob = 0.2
+  a.rotate_deg = 15.0
+  a.scale_prob = 0.2
+  a.scale_range = (0.85, 1.15)
+  a.intensity_prob = 0.15
+  a.intensity_scale = 0.1    # multiplicative, 1 ± this.
+  a.intensity_shift = 0.1    # additive, ± this (standard-scale units).
+  a.gamma_prob = 0.15
+  a.gamma_range = (0.7, 1.5)
+  a.noise_prob = 0.15
+  a.noise_std = 0.05
+
+  # --- Networks (SPEC §3-§5) ------------------------------------------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.channels = (64, 128, 256, 512)
+  m.width = 1.0              # multiplier on channels (and CLFC / SimSiam widths).
+  m.n_classes = 2
+  m.dtype = 'float32'        # activations: float32 | bfloat16; params and losses stay float32.
+  m.upsample = 'phase'       # 'phase' (exact, fast) | 'conv_transpose' (flax reference).
+  m.use_normal_net = True
+  m.full_skips = False       # True = the `unet` variant (skips from every encoder level).
+  m.bn_momentum = 0.9
+  m.bn_epsilon = 1e-5
+
+  c.clfc = cl = ml_collections.ConfigDict()
+  cl.enabled = True
+  cl.stop_grad_before_zeta = True  # paper Fig. 1b; the code has none.
+  cl.use_simsiam = True
+  cl.proj_dim = 256
+  cl.pred_hidden = 128
+
+  c.loss = lo = ml_collections.ConfigDict()
+  lo.sim_weight = 1.0        # lambda.
+  lo.ce_weight = 0.0         # the code trains -Dice + CE; the paper Dice only.
+  lo.dice_smooth = 1e-5
+  lo.sim_mask_mode = 'normal_only'  # 'normal_only' (SPEC) | 'zero_tumor' (code).
+
+  # --- Segmentation training (SPEC §7) --------------------------------------------------------
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 4           # global batch.
+  t.epochs = 300
+  t.steps_per_epoch = 250
+  t.lr = 1e-2
+  t.momentum = 0.95
+  t.nesterov = True
+  t.weight_decay = 3e-5
+  t.poly_power = 0.9
+  t.clip_norm = 12.0
+  t.checkpoint_every_epochs = 1
+  t.eval_every_epochs = 1
+  t.keep_checkpoints = 2
+  t.log_every_steps = 50
+  t.val_batch_size = 32
+  t.distributed = False      # call jax.distributed.initialize() (multi-host).
+
+  # --- IntroVAE (SPEC §6) ---------------------------------------------------------------------
+  c.introvae = iv = ml_collections.ConfigDict()
+  iv.latent = 'vector'       # 'vector' (IntroVAE paper) | 'spatial' (the code's 16x16x512).
+  iv.latent_dim = 512
+  iv.channels = (32, 64, 128, 256, 512, 512)   # encoder widths per resolution.
+  iv.spatial_latent_channels = 512
+  iv.alpha = 0.5
+  iv.beta = 0.04
+  iv.margin = 120.0
+  iv.lr_encoder = 1e-4
+  iv.lr_decoder = 5e-3
+  iv.batch_size = 120
+  iv.epochs = 200
+  iv.steps_per_epoch = 0     # 0 = one pass over the normal slices.
+  iv.dtype = 'float32'
+
+  c.eval = e = ml_collections.ConfigDict()
+  e.batch_size = 32          # slices per jitted prediction call.
+  e.tta = False              # mirroring test-time augmentation.
+  return c
+
+
+def apply_method(c, method):
+  """Turns the shared config into one of the paper's ablations (SPEC §5)."""
+  if method not in METHODS:
+    raise ValueError(f'unknown method {method!r}; expected one of {METHODS}')
+  c.method = method
+  if method == 'baseline1':
+    c.model.use_normal_net = False
+    c.clfc.enabled = False
+    c.clfc.use_simsiam = False
+    c.loss.sim_weight = 0.0
+  elif method == 'baseline2':
+    c.clfc.use_simsiam = False
+    c.loss.sim_weight = 0.0
+  elif method == 'unet':
+    c.model.use_normal_net = False
+    c.model.full_skips = True
+    c.clfc.enabled = False
+    c.clfc.use_simsiam = False
+    c.loss.sim_weight = 0.0
+  return c

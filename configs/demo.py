@@ -1,0 +1,31 @@
+"""The embedded default: a synthetic BraTS/IXI-like cohort, generated on first use, 2 mm, CPU-sized.
+
+Same pipeline and method as brats.py; only sizes shrink so that a 2-core CPU runs every stage.
+"""
+import ml_collections
+
+from configs import default
+
+
+def get_config(method='clfc'):
+  c = default.get_config()
+  c.dataset.name = 'synthetic'
+  c.dataset.layout = 'brats'
+  c.synthetic = s = ml_collections.ConfigDict()
+  s.tumor_cases = 20
+  s.normal_cases = 10
+  s.seed = 0
+  s.spacing = 2.0            # mm; the generator's output voxel size.
+  c.prep.spacing = 2.0
+  c.prep.crop_hw = (96, 80)
+  c.prep.reg.shrink_factors = (2, 1)
+  c.prep.reg.smoothing_sigmas = (2.0, 0.0)
+  c.model.width = 0.25
+  c.introvae.channels = (16, 32, 64, 128, 128)
+  c.introvae.latent_dim = 128
+  c.introvae.batch_size = 32
+  c.introvae.epochs = 20
+  c.train.epochs = 8
+  c.train.steps_per_epoch = 100
+  c.train.batch_size = 8
+  return default.apply_method(c, method or 'clfc')

@@ -1,0 +1,87 @@
+"""On-disk format of prepared (MNI-space) cases: WORKDIR/prep/{cases,normal}/<id>.npz + <id>.json.
+
+The arrays are what registration produced (brain-masked, cropped, not yet histogram-matched:
+the histogram references depend on the fold's training split, so matching happens when shards
+are built). Each modality is divided by its 99.5th brain percentile and stored as float16; the
+landmark-based histogram matching downstream is invariant to that per-case scale.
+The JSON holds everything needed to map a prediction back to the native file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class PreparedCase:
+  case_id: str
+  images: np.ndarray               # float [M, Z, H, W] in `modalities` order
+  brain: np.ndarray                # bool [Z, H, W]
+  label: Optional[np.ndarray]      # uint8 [Z, H, W] raw label values, None for normal subjects
+  meta: dict                       # modalities, group, native geometry, MNI grid, crop, transform
+  healthy_t1: Optional[np.ndarray] = None   # float [Z, H, W] (synthetic cohorts)
+
+  @property
+  def modalities(self):
+    return tuple(self.meta['modalities'])
+
+  def modality(self, name):
+    return self.images[self.modalities.index(name)]
+
+
+def save_prepared(pc: PreparedCase, directory) -> Path:
+  """Writes <id>.npz then <id>.json; the JSON's presence marks the case complete."""
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  arrays = {'images': pc.images.astype(np.float16), 'brain': pc.brain.astype(bool)}
+  if pc.label is not None:
+    arrays['label'] = pc.label.astype(np.uint8)
+  if pc.healthy_t1 is not None:
+    arrays['healthy_t1'] = pc.healthy_t1.astype(np.float16)
+  npz = directory / f'{pc.case_id}.npz'
+  tmp = directory / f'.{pc.case_id}.tmp.npz'
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, npz)
+  meta_path = directory / f'{pc.case_id}.json'
+  tmp_meta = directory / f'.{pc.case_id}.tmp.json'
+  tmp_meta.write_text(json.dumps(pc.meta, indent=1, default=_jsonable))
+  os.replace(tmp_meta, meta_path)
+  return npz
+
+
+def load_prepared(directory, case_id) -> PreparedCase:
+  directory = Path(directory)
+  meta = json.loads((directory / f'{case_id}.json').read_text())
+  with np.load(directory / f'{case_id}.npz') as z:
+    return PreparedCase(
+        case_id=case_id,
+        images=z['images'].astype(np.float32),
+        brain=z['brain'],
+        label=z['label'] if 'label' in z else None,
+        meta=meta,
+        healthy_t1=z['healthy_t1'].astype(np.float32) if 'healthy_t1' in z else None)
+
+
+def prepared_ids(directory):
+  """Ids of the complete cases in a prep folder, sorted."""
+  directory = Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(p.stem for p in directory.glob('*.json') if not p.name.startswith('.'))
+
+
+def _jsonable(x):
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, Path):
+    return str(x)
+  raise TypeError(f'not JSON serialisable: {type(x)}')

@@ -1,0 +1,26 @@
+import pytest
+
+from configs import brats, default, demo, inhouse, msd
+
+
+@pytest.mark.parametrize('module', [brats, msd, inhouse, demo])
+@pytest.mark.parametrize('method', default.METHODS)
+def test_every_config_and_variant_builds(module, method):
+  c = module.get_config(method)
+  assert c.method == method
+  assert all(v % 16 == 0 for v in c.prep.crop_hw)
+  assert (c.loss.sim_weight > 0) == (method == 'clfc')
+  assert c.model.use_normal_net == (method in ('clfc', 'baseline2'))
+
+
+def test_unknown_method_is_rejected():
+  with pytest.raises(ValueError, match='unknown method'):
+    brats.get_config('nnunet')
+
+
+def test_defaults_follow_spec():
+  c = brats.get_config()
+  assert c.data.k == 2 and c.train.batch_size == 4 and c.train.lr == 1e-2
+  assert c.train.momentum == 0.95 and c.train.clip_norm == 12.0 and c.train.weight_decay == 3e-5
+  assert (c.introvae.alpha, c.introvae.beta, c.introvae.margin) == (0.5, 0.04, 120.0)
+  assert c.clfc.stop_grad_before_zeta
