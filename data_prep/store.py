@@ -67,6 +67,11 @@ def load_prepared(directory, case_id) -> PreparedCase:
         healthy_t1=z['healthy_t1'].astype(np.float32) if 'healthy_t1' in z else None)
 
 
+def load_prepared_meta(directory, case_id) -> dict:
+  """The JSON half only: cheap, for listings and fold stratification."""
+  return json.loads((Path(directory) / f'{case_id}.json').read_text())
+
+
 def prepared_ids(directory):
   """Ids of the complete cases in a prep folder, sorted."""
   directory = Path(directory)

@@ -1,0 +1,51 @@
+"""The main job: `python -m clfc_jax.main --config=configs/brats.py[:method] --workdir=DIR`.
+
+Runs the requested stages in order (`--stages=prep,introvae,...`; default: all). Each stage is
+skipped when its output is complete and resumed when it is not; see clfc_jax/stages.py.
+"""
+import json
+import time
+from pathlib import Path
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from clfc_jax import stages
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:method]).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where every stage reads and writes.')
+_STAGES = flags.DEFINE_list('stages', list(stages.STAGES),
+                            f'Stages to run, in pipeline order: {",".join(stages.STAGES)}.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def save_config(config, workdir: Path):
+  """Writes WORKDIR/config.json; an earlier, different config is kept under configs_history/."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / 'config.json'
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if path.exists() and path.read_text() != text:
+    history = workdir / 'configs_history'
+    history.mkdir(exist_ok=True)
+    path.rename(history / f'config.{time.strftime("%Y%m%d-%H%M%S")}.json')
+  path.write_text(text)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  workdir = Path(_WORKDIR.value).expanduser().resolve()
+  unknown = [s for s in _STAGES.value if s not in stages.STAGES]
+  if unknown:
+    raise app.UsageError(f'unknown stage(s) {unknown}; choose from {stages.STAGES}')
+  save_config(config, workdir)
+  logging.info('workdir %s, method %s, stages %s', workdir, config.method, _STAGES.value)
+  summary = stages.run(config, workdir, _STAGES.value)
+  print(json.dumps(summary, indent=1, default=str))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,124 @@
+"""What each stage of the main job reads and writes in WORKDIR, and when it counts as done.
+
+prep -> introvae -> pseudo_normal -> train -> evaluate -> report. A stage writes
+WORKDIR/<stage>/DONE.json last; a stage whose marker exists is skipped, one without is
+(re)run and resumes from whatever it finds (prepared cases, shards, checkpoints).
+Heavy modules are imported inside the stage functions, so that `--stages=train` on an
+accelerator machine never imports the data-preparation stack.
+"""
+import json
+import time
+from pathlib import Path
+
+from absl import logging
+
+STAGES = ('prep', 'introvae', 'pseudo_normal', 'train', 'evaluate', 'report')
+
+
+class Workdir:
+  """Named paths inside WORKDIR (ARCHITECTURE.md's workdir contract)."""
+
+  def __init__(self, root):
+    self.root = Path(root)
+    self.synthetic = self.root / 'data' / 'synthetic'
+    self.prep = self.root / 'prep'
+    self.prep_cases = self.prep / 'cases'
+    self.prep_normal = self.prep / 'normal'
+    self.folds = self.prep / 'folds.json'
+    self.tfds = self.root / 'tfds'
+    self.introvae = self.root / 'introvae'
+    self.pseudo_normal = self.root / 'pseudo_normal'
+    self.runs = self.root / 'runs'
+    self.eval = self.root / 'eval'
+    self.report = self.root / 'report'
+
+  def hist_refs(self, fold):
+    return self.prep / f'hist_refs_fold{fold}.json'
+
+  @property
+  def hist_refs_normal(self):
+    return self.prep / 'hist_refs_normal.json'
+
+  def marker(self, stage):
+    return self.root / stage / 'DONE.json'
+
+
+def folds_to_run(config):
+  return list(range(config.data.num_folds)) if config.fold < 0 else [config.fold]
+
+
+def resolve_data_roots(config, wd: Workdir):
+  """Where the tumor and normal cohorts are; generates the synthetic default on first use."""
+  if config.dataset.root:
+    return Path(config.dataset.root), (Path(config.dataset.normal_root)
+                                       if config.dataset.normal_root else None)
+  if 'synthetic' not in config:
+    raise ValueError('config.dataset.root is empty: point it at your cohort '
+                     '(e.g. --config.dataset.root=/data/MICCAI_BraTS_2019_Data_Training)')
+  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
+  s = config.synthetic
+  done = wd.synthetic / 'cohort.json'
+  if not done.exists():
+    logging.info('generating the synthetic cohort into %s', wd.synthetic)
+    synthetic.generate_cohort(wd.synthetic, s.tumor_cases, s.normal_cases, s.seed, s.spacing)
+  return wd.synthetic / 'BraTS', wd.synthetic / 'IXI'
+
+
+def stage_prep(config, wd: Workdir):
+  """NIfTI -> validated -> MNI152 -> prepared volumes; folds; histogram references."""
+  from data_prep import folds as folds_lib  # pylint: disable=g-import-not-at-top
+  from data_prep import normalize, prepare, readers, store  # pylint: disable=g-import-not-at-top
+  tumor_root, normal_root = resolve_data_roots(config, wd)
+  with config.unlocked():
+    config.dataset.root = str(tumor_root)
+  summary = {'tumor': prepare.prepare_cohort(readers.find_cases(config), config, wd.prep_cases)}
+  ids = store.prepared_ids(wd.prep_cases)
+  if not ids:
+    raise RuntimeError(f'no case could be prepared from {tumor_root}; see '
+                       f'{wd.prep_cases / "prep_summary.json"}')
+  if normal_root is not None:
+    normal_cases = readers.find_normal_cases(normal_root, config)
+    summary['normal'] = prepare.prepare_cohort(normal_cases, config, wd.prep_normal)
+    normal = [store.load_prepared(wd.prep_normal, i) for i in store.prepared_ids(wd.prep_normal)]
+    refs = normalize.fit_references(normal, (config.dataset.normal_modality,), config)
+    normalize.save_references(refs, wd.hist_refs_normal)
+
+  groups = [store.load_prepared_meta(wd.prep_cases, i).get('group', '') for i in ids]
+  fold_lists = folds_lib.load_or_make_folds(wd.folds, ids, groups, config)
+  for k in folds_to_run(config):
+    split = folds_lib.split_for_fold(fold_lists, k, config.data.val_fraction,
+                                     config.data.split_seed)
+    training = [store.load_prepared(wd.prep_cases, i) for i in split['train'] + split['val']]
+    refs = normalize.fit_references(training, tuple(config.dataset.modalities), config)
+    normalize.save_references(refs, wd.hist_refs(k))
+  summary['cases'] = len(ids)
+  return summary
+
+
+_STAGE_FNS = {'prep': stage_prep}
+
+
+def run(config, workdir, stages):
+  """Runs `stages` in pipeline order; returns a summary per stage."""
+  wd = Workdir(workdir)
+  results = {}
+  for stage in STAGES:
+    if stage not in stages:
+      continue
+    marker = wd.marker(stage)
+    if marker.exists():
+      logging.info('stage %s: already done (%s)', stage, marker)
+      results[stage] = json.loads(marker.read_text())
+      continue
+    fn = _STAGE_FNS.get(stage)
+    if fn is None:
+      logging.warning('stage %s is not available in this version yet; skipped', stage)
+      results[stage] = {'status': 'not available yet'}
+      continue
+    start = time.time()
+    out = fn(config, wd)
+    record = {'status': 'done', 'seconds': round(time.time() - start, 1), 'summary': out}
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(record, indent=1, default=str))
+    results[stage] = record
+  return results
