@@ -117,6 +117,10 @@ def get_config():
   t.log_every_steps = 50
   t.val_batch_size = 32
   t.distributed = False      # call jax.distributed.initialize() (multi-host).
+  t.coordinator_address = ''  # host:port of process 0; '' = JAX's cluster auto-detection.
+  t.num_processes = -1       # -1 = auto-detect.
+  t.process_id = -1          # -1 = auto-detect.
+  t.donate_state = True      # jitted steps reuse the old state's buffers (halves state memory).
 
   # --- IntroVAE (SPEC §6) ---------------------------------------------------------------------
   c.introvae = iv = ml_collections.ConfigDict()
