@@ -137,6 +137,9 @@ def get_config():
   iv.epochs = 200
   iv.steps_per_epoch = 0     # 0 = one pass over the normal slices.
   iv.dtype = 'float32'
+  iv.norm_groups = 8         # GroupNorm groups in the residual blocks (fewer if width is small).
+  iv.output_activation = 'tanh'   # decoder output: 'tanh' | 'linear'.
+  iv.hinge_per_sample = True # [m - KL]+ per slice, then batch mean; False: hinge of the batch mean.
 
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 32          # slices per jitted prediction call.
