@@ -36,6 +36,10 @@ def get_config():
   p.crop_hw = (192, 160)     # in-plane size (H = anterior-posterior, W = left-right), multiple of 16.
   p.affine_atol = 1e-3       # modalities' affines must agree to this (mm / direction cosines).
   p.num_workers = 2          # processes preparing cases in parallel.
+  p.threads_per_worker = 0   # SimpleITK threads per worker; 0 = cpu_count // num_workers.
+  p.template_mask_threshold = 0.2   # MNI152 brain mask = GM + WM probability above this.
+  p.mask_dilation_mm = 4.0   # template brain mask grown by this before it meets `image > 0`.
+  p.scale_percentile = 99.5  # each modality is divided by this brain percentile (store.py).
   p.reg = r = ml_collections.ConfigDict()
   r.histogram_bins = 32      # Mattes mutual information.
   r.sampling_fraction = 0.05
@@ -44,6 +48,8 @@ def get_config():
   r.shrink_factors = (4, 2, 1)
   r.smoothing_sigmas = (2.0, 1.0, 0.0)   # in physical units (mm).
   r.init = 'moments'         # centred-transform initialiser: moments | geometry.
+  r.spacing = 2.0            # mm; registration runs on both images resampled to this (0 = prep.spacing).
+  r.seed = 0                 # metric sampling seed: the same case always gets the same transform.
   p.hist = h = ml_collections.ConfigDict()
   # Nyul & Udupa standard-scale landmarks (percentiles of brain intensities).
   h.percentiles = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)
