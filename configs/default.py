@@ -116,6 +116,7 @@ def get_config():
   t.nesterov = True
   t.weight_decay = 3e-5
   t.poly_power = 0.9
+  t.poly_per_epoch = True    # lr steps once per epoch (1 - e/E)^p, like the code; else per step.
   t.clip_norm = 12.0
   t.checkpoint_every_epochs = 1
   t.eval_every_epochs = 1
