@@ -1,0 +1,87 @@
+"""Seeded patient-wise k-fold cross validation, stratified by group, stored with the data.
+
+Folds are lists of patient ids, so no slice of a patient can leak across folds. The validation
+patients (model selection) are carved from the training folds, never from the test fold.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def make_folds(case_ids: Sequence[str], groups: Optional[Sequence[str]] = None,
+               num_folds: int = 5, seed: int = 0) -> list:
+  """`num_folds` disjoint sorted id lists covering every case; groups spread evenly."""
+  ids = list(case_ids)
+  if len(set(ids)) != len(ids):
+    raise ValueError('make_folds: duplicate case ids')
+  if num_folds < 2 or num_folds > len(ids):
+    raise ValueError(f'make_folds: {num_folds} folds for {len(ids)} cases')
+  groups = list(groups) if groups is not None else [''] * len(ids)
+  if len(groups) != len(ids):
+    raise ValueError('make_folds: one group per case id expected')
+  rng = np.random.default_rng(seed)
+  folds = [[] for _ in range(num_folds)]
+  start = 0   # continue dealing where the previous group stopped: sizes differ by <= 1.
+  for group in sorted(set(groups)):
+    members = sorted(i for i, g in zip(ids, groups) if g == group)
+    for j, idx in enumerate(rng.permutation(len(members))):
+      folds[(start + j) % num_folds].append(members[idx])
+    start = (start + len(members)) % num_folds
+  return [sorted(f) for f in folds]
+
+
+def split_for_fold(folds, k: int, val_fraction: float, seed: int) -> dict:
+  """{'train', 'val', 'test'} id lists for test fold k; val drawn from the other folds."""
+  if not 0 <= k < len(folds):
+    raise ValueError(f'fold {k} not in [0, {len(folds)})')
+  pool = sorted(i for j, f in enumerate(folds) if j != k for i in f)
+  n_val = int(round(val_fraction * len(pool)))
+  if val_fraction > 0 and len(pool) > 1:
+    n_val = min(max(n_val, 1), len(pool) - 1)
+  rng = np.random.default_rng([seed, k])
+  val = set(pool[i] for i in rng.permutation(len(pool))[:n_val])
+  return {'train': [i for i in pool if i not in val], 'val': sorted(val),
+          'test': sorted(folds[k])}
+
+
+def save_folds(path, folds, seed: int) -> Path:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f'.{path.name}.tmp')
+  tmp.write_text(json.dumps({'seed': int(seed), 'num_folds': len(folds),
+                             'folds': [list(f) for f in folds]}, indent=1))
+  os.replace(tmp, path)
+  return path
+
+
+def load_folds(path) -> dict:
+  """{'seed', 'num_folds', 'folds'} as written by save_folds."""
+  from data_prep.case import CaseError  # pylint: disable=g-import-not-at-top
+  path = Path(path)
+  try:
+    record = json.loads(path.read_text())
+    record['folds'] = [list(map(str, f)) for f in record['folds']]
+    record['seed'] = int(record['seed'])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CaseError(path, f'not a folds file ({e})') from None
+  return record
+
+
+def load_or_make_folds(path, case_ids, groups, config) -> list:
+  """The stored folds if they match these cases, seed and fold count; else new ones, saved."""
+  d = config.data
+  path = Path(path)
+  if path.exists():
+    record = load_folds(path)
+    stored = sorted(i for f in record['folds'] for i in f)
+    if (record['seed'] == d.split_seed and len(record['folds']) == d.num_folds and
+        stored == sorted(case_ids)):
+      return record['folds']
+  folds = make_folds(case_ids, groups, d.num_folds, d.split_seed)
+  save_folds(path, folds, d.split_seed)
+  return folds

@@ -1,0 +1,138 @@
+"""Histogram matching: Nyul & Udupa landmark standardisation, fitted on a training split only.
+
+Each volume's landmarks are percentiles (config.prep.hist.percentiles) of its brain voxels. The
+standard scale is the mean, over the training patients, of their landmarks after mapping each
+patient's first/last landmark linearly onto config.prep.hist.scale. A volume is standardised
+by the piecewise-linear map from its own landmarks onto the standard ones (linear
+extrapolation beyond the end landmarks), and set to 0 outside the brain.
+
+Why not SimpleITK's HistogramMatchingImageFilter: it matches to ONE reference image, while the
+paper's reference must be learned from the whole training split (and only from it); the
+Nyul map is a few lines of numpy on top of np.percentile / np.interp.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from data_prep.case import CaseError
+
+_MIN_STEP = 1e-6   # keeps landmarks strictly increasing on flat histograms.
+
+
+def case_landmarks(volume, brain, percentiles: Sequence[float]) -> np.ndarray:
+  """Percentiles of the brain voxels of one volume (float64, non-decreasing)."""
+  voxels = np.asarray(volume)[np.asarray(brain, bool)]
+  if voxels.size == 0:
+    raise ValueError('histogram matching: the brain mask is empty')
+  return np.percentile(voxels.astype(np.float64), percentiles)
+
+
+def _to_scale(landmarks, scale) -> np.ndarray:
+  """Maps a case's landmarks linearly so that the end ones land on `scale`."""
+  lo, hi = landmarks[0], landmarks[-1]
+  span = max(hi - lo, _MIN_STEP)
+  return scale[0] + (landmarks - lo) / span * (scale[1] - scale[0])
+
+
+def _strictly_increasing(x) -> np.ndarray:
+  x = np.maximum.accumulate(np.asarray(x, np.float64))
+  return x + _MIN_STEP * np.arange(len(x))
+
+
+def fit_references(cases: Iterable, modalities: Sequence[str], config) -> dict:
+  """Standard-scale landmarks per modality, the mean over `cases` (PreparedCase, read once)."""
+  h = config.prep.hist
+  mapped = {m: [] for m in modalities}
+  for case in cases:
+    for m in modalities:
+      if m not in case.modalities:
+        raise CaseError(case.case_id, f'prepared case lacks modality {m!r} '
+                        f'(has {case.modalities})')
+      try:
+        lm = case_landmarks(case.modality(m), case.brain, h.percentiles)
+      except ValueError as e:
+        raise CaseError(case.case_id, f'{m}: {e}') from None
+      mapped[m].append(_to_scale(lm, h.scale))
+  refs = {}
+  for m, rows in mapped.items():
+    if not rows:
+      raise ValueError(f'histogram references: no training case holds modality {m!r}')
+    refs[m] = np.mean(rows, axis=0)
+  return refs
+
+
+def apply_reference(volume, brain, landmarks, config) -> np.ndarray:
+  """The volume on the standard scale `landmarks` (float32, 0 outside `brain`)."""
+  brain = np.asarray(brain, bool)
+  volume = np.asarray(volume, np.float32)
+  source = _strictly_increasing(case_landmarks(volume, brain, config.prep.hist.percentiles))
+  target = np.asarray(landmarks, np.float64)
+  if source.shape != target.shape:
+    raise ValueError(f'histogram matching: {len(target)} reference landmarks for '
+                     f'{len(source)} percentiles; refit the references')
+  v = volume[brain].astype(np.float64)
+  out = np.interp(v, source, target)
+  # np.interp clamps; extend the end segments linearly instead (Nyul & Udupa).
+  low, high = v < source[0], v > source[-1]
+  slope_lo = (target[1] - target[0]) / (source[1] - source[0])
+  slope_hi = (target[-1] - target[-2]) / (source[-1] - source[-2])
+  out[low] = target[0] + (v[low] - source[0]) * slope_lo
+  out[high] = target[-1] + (v[high] - source[-1]) * slope_hi
+  result = np.zeros(volume.shape, np.float32)
+  result[brain] = out
+  return result
+
+
+def save_references(refs: dict, path, fitted_on: Optional[Sequence[str]] = None) -> Path:
+  """Writes {modality: landmarks} (and the ids they were fitted on) as JSON, atomically."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  record = {'landmarks': {m: [float(x) for x in v] for m, v in refs.items()}}
+  if fitted_on is not None:
+    record['fitted_on'] = sorted(fitted_on)
+  tmp = path.with_name(f'.{path.name}.tmp')
+  tmp.write_text(json.dumps(record, indent=1))
+  os.replace(tmp, path)
+  return path
+
+
+def load_references(path) -> dict:
+  """{modality: float64 landmarks} from save_references' JSON."""
+  path = Path(path)
+  try:
+    record = json.loads(path.read_text())
+    return {m: np.asarray(v, np.float64) for m, v in record['landmarks'].items()}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CaseError(path, f'not a histogram-reference file ({e})') from None
+
+
+def references_fitted_on(path) -> Optional[list]:
+  """The case ids a reference file was fitted on, or None when it does not say."""
+  try:
+    return json.loads(Path(path).read_text()).get('fitted_on')
+  except (OSError, ValueError):
+    return None
+
+
+def load_or_fit_references(path, prep_dir, ids: Sequence[str], modalities, config) -> dict:
+  """The references at `path` if they were fitted on `ids`; else fits (lazily loading) and saves.
+
+  A file that does not record its ids (written by the prep stage) is trusted as is.
+  """
+  from data_prep import store  # pylint: disable=g-import-not-at-top
+  path = Path(path)
+  if path.exists():
+    fitted_on = references_fitted_on(path)
+    refs = load_references(path)
+    n = len(config.prep.hist.percentiles)
+    if ((fitted_on is None or sorted(fitted_on) == sorted(ids)) and
+        all(m in refs and len(refs[m]) == n for m in modalities)):
+      return {m: refs[m] for m in modalities}
+  refs = fit_references((store.load_prepared(prep_dir, i) for i in ids), modalities, config)
+  save_references(refs, path, fitted_on=ids)
+  return refs
