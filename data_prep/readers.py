@@ -1,0 +1,187 @@
+"""Finds the patients of a cohort on disk (SPEC §9) and returns them as `Case` records.
+
+Nothing is read here beyond directory listings. A case that lacks a file is still returned,
+with an `ImageRef` to the path where the file was expected (which does not exist): the cohort
+build then reports it through `validate.load_case` / `validate.validate_cohort` ("file missing")
+instead of the case silently vanishing.
+
+Labels: a cohort is labelled when at least one of its cases has a label file; then every case
+gets a label reference (missing ones fail validation). A cohort without any label file (new
+patients, BraTS validation data, MSD imagesTs) gets `label=None` everywhere.
+
+Every function returns cases sorted by case id, so the order is deterministic.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+from data_prep.case import Case, CaseError, ImageRef
+
+NIFTI_SUFFIXES = ('.nii.gz', '.nii')
+BRATS_GROUPS = ('HGG', 'LGG')
+_IXI_T1 = re.compile(r'^(IXI\d+-[A-Za-z]+-\d+)-T1\.nii(\.gz)?$')
+
+
+def find_cases(config, root=None) -> list[Case]:
+  """The tumor cohort under `root` (default config.dataset.root) in config.dataset.layout."""
+  d = config.dataset
+  root = _existing_dir(root or d.root, f'{d.layout} cohort root')
+  readers = {'brats': _find_brats, 'msd': _find_msd, 'generic': _find_generic}
+  if d.layout not in readers:
+    raise ValueError(f'unknown dataset.layout {d.layout!r}; expected one of {tuple(readers)}')
+  cases = readers[d.layout](root, d)
+  if not cases:
+    raise CaseError(root, f'no cases found for layout {d.layout!r} ({_LAYOUT_HELP[d.layout]})')
+  return _sorted_unique(cases, root)
+
+
+def find_normal_cases(root, modality: str = 't1') -> list[Case]:
+  """IXI-style normal subjects: every `IXI<nnn>-<site>-<nnnn>-T1.nii[.gz]` below `root`.
+
+  `modality` is the key the T1 gets in Case.images (config.dataset.normal_modality).
+  """
+  root = _existing_dir(root, 'normal (IXI) root')
+  cases = []
+  for path in root.rglob('IXI*-T1.nii*'):
+    match = _IXI_T1.match(path.name)
+    if match and path.is_file():
+      cases.append(Case(match.group(1), {modality: ImageRef(path)}, label=None, group='normal'))
+  if not cases:
+    raise CaseError(root, 'no IXI T1 files found (expected IXI<nnn>-<site>-<nnnn>-T1.nii.gz)')
+  return _sorted_unique(cases, root)
+
+
+_LAYOUT_HELP = {
+    'brats': 'expected [HGG|LGG/]<ID>/<ID>_<modality>.nii.gz',
+    'msd': 'expected imagesTr/<ID>.nii.gz and labelsTr/<ID>.nii.gz',
+    'generic': 'expected <ID>/<file_pattern> per patient folder',
+}
+
+
+def _find_brats(root: Path, d) -> list[Case]:
+  """Case folders directly under root, or one level down in group folders (HGG/LGG)."""
+  found = []   # (folder, group)
+  for entry in _subdirs(root):
+    if _is_brats_case_folder(entry):
+      found.append((entry, ''))
+    else:
+      found.extend((sub, entry.name) for sub in _subdirs(entry) if _is_brats_case_folder(sub))
+  label_paths = [_nifti(folder / f'{folder.name}_{d.label_name}') for folder, _ in found]
+  labelled = any(p.exists() for p in label_paths)
+  cases = []
+  for (folder, group), label_path in zip(found, label_paths):
+    cid = folder.name
+    images = {m: ImageRef(_nifti(folder / f'{cid}_{m}')) for m in d.modalities}
+    healthy = _first_existing(folder / f'{cid}_{m}_healthy'
+                              for m in dict.fromkeys((d.normal_modality, 't1')))
+    cases.append(Case(cid, images, label=ImageRef(label_path) if labelled else None,
+                      group=group, healthy_t1=ImageRef(healthy) if healthy else None))
+  return cases
+
+
+def _is_brats_case_folder(folder: Path) -> bool:
+  prefix = folder.name + '_'
+  return any(p.name.startswith(prefix) and _is_nifti(p) for p in folder.iterdir())
+
+
+def _find_msd(root: Path, d) -> list[Case]:
+  """imagesTr/<ID>.nii.gz 4-D files; config.dataset.msd_channels names their channels."""
+  missing = [m for m in d.modalities if m not in d.msd_channels]
+  if missing:
+    raise ValueError(f'dataset.modalities {missing} are not among dataset.msd_channels '
+                     f'{tuple(d.msd_channels)}')
+  images_dir = root / 'imagesTr'
+  if not images_dir.is_dir():
+    raise CaseError(root, f'no imagesTr folder ({_LAYOUT_HELP["msd"]})')
+  files = [p for p in images_dir.iterdir() if _is_nifti(p) and p.is_file()]
+  label_paths = [root / 'labelsTr' / p.name for p in files]
+  labelled = any(p.exists() for p in label_paths)
+  cases = []
+  for path, label_path in zip(files, label_paths):
+    images = {m: ImageRef(path, channel=list(d.msd_channels).index(m)) for m in d.modalities}
+    cases.append(Case(_strip_nifti(path.name), images,
+                      label=ImageRef(label_path) if labelled else None))
+  return cases
+
+
+def _find_generic(root: Path, d) -> list[Case]:
+  """One folder per patient (holding at least one of its files); names from file_pattern."""
+
+  def path(folder, modality):
+    return _nifti_variant(folder / d.file_pattern.format(case=folder.name, modality=modality))
+
+  folders = [f for f in _subdirs(root)
+             if any(path(f, m).exists() for m in (*d.modalities, d.label_name))]
+
+  label_paths = [path(f, d.label_name) for f in folders]
+  labelled = any(p.exists() for p in label_paths)
+  cases = []
+  for folder, label_path in zip(folders, label_paths):
+    images = {m: ImageRef(path(folder, m)) for m in d.modalities}
+    healthy = path(folder, f'{d.normal_modality}_healthy')
+    cases.append(Case(folder.name, images, label=ImageRef(label_path) if labelled else None,
+                      healthy_t1=ImageRef(healthy) if healthy.exists() else None))
+  return cases
+
+
+def _existing_dir(root, what: str) -> Path:
+  if not root:
+    raise ValueError(f'no {what} given (set config.dataset.root / normal_root)')
+  root = Path(root).expanduser()
+  if not root.is_dir():
+    raise CaseError(root, f'{what} does not exist or is not a folder')
+  return root
+
+
+def _subdirs(folder: Path):
+  """Sub-folders, skipping hidden ones and macOS resource-fork junk."""
+  return sorted(p for p in folder.iterdir()
+                if p.is_dir() and not p.name.startswith(('.', '__MACOSX')))
+
+
+def _is_nifti(path: Path) -> bool:
+  return path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith('._')
+
+
+def _strip_nifti(name: str) -> str:
+  for suffix in NIFTI_SUFFIXES:
+    if name.endswith(suffix):
+      return name[:-len(suffix)]
+  return name
+
+
+def _nifti(stem: Path) -> Path:
+  """stem.nii.gz, or stem.nii when only that exists (BraTS ships both)."""
+  return _first_existing([stem]) or stem.with_name(stem.name + '.nii.gz')
+
+
+def _first_existing(stems) -> Optional[Path]:
+  for stem in stems:
+    for suffix in NIFTI_SUFFIXES:
+      candidate = stem.with_name(stem.name + suffix)
+      if candidate.is_file():
+        return candidate
+  return None
+
+
+def _nifti_variant(path: Path) -> Path:
+  """The given path, or its .nii / .nii.gz twin when only that exists."""
+  if path.exists():
+    return path
+  stem = _strip_nifti(path.name)
+  if stem != path.name:
+    return _first_existing([path.with_name(stem)]) or path
+  return path
+
+
+def _sorted_unique(cases: Sequence[Case], root: Path) -> list[Case]:
+  cases = sorted(cases, key=lambda c: (c.case_id, c.group))
+  seen = {}
+  for case in cases:
+    if case.case_id in seen:
+      raise CaseError(root, f'case id {case.case_id!r} occurs twice '
+                      f'(groups {seen[case.case_id]!r} and {case.group!r})')
+    seen[case.case_id] = case.group
+  return cases
