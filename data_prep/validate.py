@@ -12,6 +12,7 @@ Each file is read once (an MSD 4-D file once for all its channels).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import gzip
 import zlib
 from pathlib import Path
@@ -41,7 +42,7 @@ def load_case(case: Case, config, *, require_label: Optional[bool] = None) -> Lo
   for modality, ref in case.images.items():
     img = headers[ref.path]
     if ref.path not in arrays_by_path:
-      arrays_by_path[ref.path] = _read_canonical(img, ref.path)
+      arrays_by_path[ref.path] = _read_canonical(img, ref.path, f'{modality} image')
     data, affine = arrays_by_path[ref.path]
     volume = data if ref.channel is None else data[..., ref.channel]
     _check_values(volume, ref.path, f'{modality} image')
@@ -55,13 +56,14 @@ def load_case(case: Case, config, *, require_label: Optional[bool] = None) -> Lo
 
   label = None
   if case.label is not None and require_label is not False:
-    data, affine = _read_canonical(headers[case.label.path], case.label.path)
+    data, affine = _read_canonical(headers[case.label.path], case.label.path, 'label')
     _check_same_grid(data.shape, affine, case.label.path, 'label', reference, atol)
     label = _label_values(data, case.label.path, config.dataset.allowed_labels)
 
   healthy = None
   if case.healthy_t1 is not None:
-    data, affine = _read_canonical(headers[case.healthy_t1.path], case.healthy_t1.path)
+    data, affine = _read_canonical(headers[case.healthy_t1.path], case.healthy_t1.path,
+                                   'healthy T1')
     _check_values(data, case.healthy_t1.path, 'healthy T1')
     _check_same_grid(data.shape, affine, case.healthy_t1.path, 'healthy T1', reference, atol)
     healthy = np.ascontiguousarray(data, dtype=np.float32)
@@ -90,21 +92,29 @@ def check_headers(case: Case, config, *, require_label: Optional[bool] = None) -
 
 
 def validate_cohort(cases, config, *, require_label: Optional[bool] = None,
-                    full_load: bool = True):
+                    full_load: bool = True, num_workers: int = 1):
   """Splits `cases` into (good: list[Case], bad: {case_id: message}); never raises per case.
 
   Header checks first (cheap); then, with full_load, every voxel through load_case.
+  num_workers > 1 uses threads (gzip inflation and numpy release the GIL); order is kept.
   """
-  good, bad = [], {}
-  for case in cases:
+
+  def problem(case) -> Optional[str]:
     try:
       check_headers(case, config, require_label=require_label)
       if full_load:
         load_case(case, config, require_label=require_label)
     except CaseError as e:
-      bad[case.case_id] = str(e)
-    else:
-      good.append(case)
+      return str(e)
+    return None
+
+  if num_workers > 1:
+    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+      problems = list(pool.map(problem, cases))
+  else:
+    problems = [problem(case) for case in cases]
+  good = [case for case, p in zip(cases, problems) if p is None]
+  bad = {case.case_id: p for case, p in zip(cases, problems) if p is not None}
   return good, bad
 
 
@@ -132,6 +142,8 @@ def _open(path: Path, role: str):
   try:
     img = nib.load(path, mmap=False)
   except ImageFileError as e:
+    if path.name.endswith('.gz') and not _starts_with(path, b'\x1f\x8b'):
+      raise CaseError(path, f'corrupt gzip ({role}): not a gzip stream') from None
     raise CaseError(path, f'not a NIfTI file ({role}): {e}') from None
   except (EOFError, zlib.error, gzip.BadGzipFile) as e:
     raise CaseError(path, f'corrupt or truncated gzip ({role}): {e}') from None
@@ -141,6 +153,11 @@ def _open(path: Path, role: str):
     raise CaseError(path, f'not a NIfTI file ({role}; nibabel reads it as '
                     f'{type(img).__name__})')
   return img
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+  with open(path, 'rb') as f:
+    return f.read(len(magic)) == magic
 
 
 def _check_dims(img, ref: ImageRef, role: str) -> None:
@@ -180,7 +197,7 @@ def _canonical_geometry(img, path: Path):
   return new_shape, new_affine
 
 
-def _read_canonical(img, path: Path):
+def _read_canonical(img, path: Path, role: str):
   """The voxel data (one read) reoriented to RAS+, and the matching affine.
 
   Same arithmetic as nibabel.as_closest_canonical, applied to the array we already hold so
@@ -190,11 +207,11 @@ def _read_canonical(img, path: Path):
   try:
     data = np.asanyarray(img.dataobj)
   except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-    raise CaseError(path, f'corrupt or truncated gzip: {e}') from None
+    raise CaseError(path, f'corrupt or truncated gzip ({role}): {e}') from None
   except Exception as e:  # truncated .nii, bad scaling, ...: always a broken file.
-    raise CaseError(path, f'unreadable voxel data: {type(e).__name__}: {e}') from None
+    raise CaseError(path, f'unreadable voxel data ({role}): {type(e).__name__}: {e}') from None
   if data.dtype.kind not in 'biuf':
-    raise CaseError(path, f'unsupported voxel type {data.dtype} (expected a scalar image)')
+    raise CaseError(path, f'unsupported voxel type {data.dtype} ({role}; expected scalars)')
   if data.ndim > 3 and data.shape[3:] == (1,) * (data.ndim - 3):
     data = data.reshape(data.shape[:3])
   data = nib.orientations.apply_orientation(data, transform)
@@ -243,7 +260,8 @@ def _label_values(data: np.ndarray, path: Path, allowed) -> np.ndarray:
   else:
     bad = np.unique(data[~np.isin(data, allowed)])
   if bad.size:
-    shown = ', '.join(f'{v:g}' for v in bad[:20].tolist()) + (' ...' if bad.size > 20 else '')
+    shown = ', '.join(f'{v:g}' if float(v).is_integer() else repr(float(v))
+                      for v in bad[:20].tolist()) + (' ...' if bad.size > 20 else '')
     raise CaseError(path, f'label values {{{shown}}} are outside dataset.allowed_labels '
                     f'{tuple(allowed.tolist())}')
   return np.ascontiguousarray(label)

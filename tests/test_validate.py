@@ -168,9 +168,9 @@ def test_corrupt_gzip(cohort):
   path = root / 'P1' / 'P1_t1ce.nii.gz'
   raw = path.read_bytes()
   path.write_bytes(raw[:len(raw) // 2])   # truncated: the header still reads, data does not.
-  _expect_error(root, config, 'P1_t1ce.nii.gz', 'corrupt or truncated gzip')
+  _expect_error(root, config, 'P1_t1ce.nii.gz', r'corrupt or truncated gzip \(t1ce image\)')
   path.write_bytes(b'this is not gzip at all' * 20)
-  _expect_error(root, config, 'P1_t1ce.nii.gz', 'gzip')
+  _expect_error(root, config, 'P1_t1ce.nii.gz', r'corrupt gzip \(t1ce image\): not a gzip stream')
 
 
 def test_not_nifti(cohort):
@@ -250,7 +250,7 @@ def test_empty_image(cohort):
 
 
 @pytest.mark.parametrize('values, shown', [((3, 7), '3, 7'), ((-1,), '-1'), ((300,), '300'),
-                                           ((0.5,), '0.5')])
+                                           ((0.5,), '0.5'), ((2.25, 3), '2.25, 3')])
 def test_label_values_outside_allowed(cohort, values, shown):
   root, config = cohort
   label = _label().astype(np.float32)
@@ -291,6 +291,7 @@ def test_validate_cohort_keeps_good_and_reports_bad(tmp_path):
   assert set(bad) == {'B', 'D'}
   assert 'B_t1ce.nii.gz' in bad['B'] and 'file missing' in bad['B']
   assert 'D_t1.nii.gz' in bad['D'] and 'non-finite' in bad['D']
+  assert validate_cohort(cases, config, num_workers=2) == (good, bad)
   good, bad = validate_cohort(cases, config, full_load=False)
   assert [c.case_id for c in good] == ['A', 'C', 'D'] and set(bad) == {'B'}
 
