@@ -37,11 +37,14 @@ def find_cases(config, root=None) -> list[Case]:
   return _sorted_unique(cases, root)
 
 
-def find_normal_cases(root, modality: str = 't1') -> list[Case]:
+def find_normal_cases(root, modality='t1') -> list[Case]:
   """IXI-style normal subjects: every `IXI<nnn>-<site>-<nnnn>-T1.nii[.gz]` below `root`.
 
-  `modality` is the key the T1 gets in Case.images (config.dataset.normal_modality).
+  `modality` is the key the T1 gets in Case.images; a config instead of a string means its
+  dataset.normal_modality.
   """
+  if not isinstance(modality, str):
+    modality = modality.dataset.normal_modality
   root = _existing_dir(root, 'normal (IXI) root')
   cases = []
   for path in root.rglob('IXI*-T1.nii*'):

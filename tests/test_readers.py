@@ -137,6 +137,8 @@ def test_ixi_t1_only(tmp_path):
   assert cases[0].images == {'t1c': cases[0].images['t1c']}
   assert cases[0].images['t1c'].path.name == 'IXI002-Guys-0828-T1.nii.gz'
   assert cases[0].label is None and cases[0].group == 'normal'
+  assert list(find_normal_cases(tmp_path, _config(inhouse))[0].images) == ['t1c']
+  assert list(find_normal_cases(tmp_path)[0].images) == ['t1']
 
 
 @pytest.mark.parametrize('layout', ['brats', 'msd', 'generic'])
