@@ -43,7 +43,9 @@ def get_config():
   p.reg = r = ml_collections.ConfigDict()
   r.histogram_bins = 32      # Mattes mutual information.
   r.sampling_fraction = 0.05
-  r.learning_rate = 1.0
+  r.learning_rate = 1.0      # regular-step descent: first step, mm of physical shift.
+  r.min_step = 1e-3          # ... stops once the step has shrunk below this.
+  r.relaxation = 0.5         # ... and shrinks by this factor when the gradient turns.
   r.iterations = 100
   r.shrink_factors = (4, 2, 1)
   r.smoothing_sigmas = (2.0, 1.0, 0.0)   # in physical units (mm).
