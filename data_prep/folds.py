@@ -85,3 +85,22 @@ def load_or_make_folds(path, case_ids, groups, config) -> list:
   folds = make_folds(case_ids, groups, d.num_folds, d.split_seed)
   save_folds(path, folds, d.split_seed)
   return folds
+
+
+def prepared_split(prep_dir, config, fold: int) -> dict:
+  """Fold `fold`'s {'train','val','test'} ids over prep/cases, via prep/folds.json."""
+  from data_prep import store  # pylint: disable=g-import-not-at-top
+  from data_prep.case import CaseError  # pylint: disable=g-import-not-at-top
+  prep_dir = Path(prep_dir)
+  cases_dir = prep_dir / 'cases'
+  ids = store.prepared_ids(cases_dir)
+  if not ids:
+    raise CaseError(cases_dir, 'no prepared cases (run the prep stage first)')
+  groups = []
+  for i in ids:
+    try:
+      groups.append(json.loads((cases_dir / f'{i}.json').read_text()).get('group', ''))
+    except ValueError as e:
+      raise CaseError(cases_dir / f'{i}.json', f'unreadable case metadata ({e})') from None
+  fold_lists = load_or_make_folds(prep_dir / 'folds.json', ids, groups, config)
+  return split_for_fold(fold_lists, fold, config.data.val_fraction, config.data.split_seed)

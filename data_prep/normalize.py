@@ -136,3 +136,36 @@ def load_or_fit_references(path, prep_dir, ids: Sequence[str], modalities, confi
   refs = fit_references((store.load_prepared(prep_dir, i) for i in ids), modalities, config)
   save_references(refs, path, fitted_on=ids)
   return refs
+
+
+def to_unit_range(matched, brain, config) -> np.ndarray:
+  """Standard-scale volume -> [-1, 1] (the IntroVAE's range); -1 outside the brain."""
+  lo, hi = config.prep.hist.scale
+  out = np.clip((np.asarray(matched, np.float32) - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0)
+  return np.where(np.asarray(brain, bool), out, -1.0).astype(np.float32)
+
+
+def normal_reference_path(prep_dir, fold: Optional[int] = None) -> Path:
+  """prep/hist_refs_normal.json (normal cohort) or its per-fold fallback file."""
+  name = 'hist_refs_normal.json' if fold is None else f'hist_refs_normal_fold{fold}.json'
+  return Path(prep_dir) / name
+
+
+def normal_t1_reference(prep_dir, config, fold: int = 0) -> np.ndarray:
+  """Landmarks that normal-appearance T1 slices are matched to (IntroVAE and pseudo-normal).
+
+  With a normal cohort (prep/normal/): fitted on all its subjects. Without one (fallback):
+  fitted on fold `fold`'s training (train+val) tumor cases, never on its test fold.
+  """
+  from data_prep import folds as folds_lib, store  # pylint: disable=g-import-not-at-top
+  prep_dir = Path(prep_dir)
+  modality = config.dataset.normal_modality
+  normal_ids = store.prepared_ids(prep_dir / 'normal')
+  if normal_ids:
+    return load_or_fit_references(normal_reference_path(prep_dir), prep_dir / 'normal',
+                                  normal_ids, (modality,), config)[modality]
+  split = folds_lib.prepared_split(prep_dir, config, fold)
+  ids = split['train'] + split['val']
+  return load_or_fit_references(normal_reference_path(prep_dir, fold), prep_dir / 'cases',
+                                ids, (modality,), config)[modality]
+

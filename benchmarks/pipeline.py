@@ -1,0 +1,115 @@
+"""Input-pipeline throughput: slices/s of train_iterator (augmentation on) vs the step's demand.
+
+`python -m benchmarks.pipeline [--sizes=demo,full] [--seconds=20]` builds a toy prepared cohort
+(smooth random volumes with a bright blob as tumor, written in the prep format), its TFDS shards,
+and times `input_pipeline.train_iterator` at the demo size (96x80) and at 192x160, K=2.
+A train step consumes config.train.batch_size slices; the report says how many steps per
+second the pipeline could feed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from data_prep import store
+
+
+def toy_prepared_cohort(prep_dir, *, num_cases=8, num_normal=0, z=12, hw=(32, 32),
+                        modalities=('t1', 't1ce', 't2', 'flair'), seed=0,
+                        groups=('HGG', 'LGG')) -> list:
+  """Writes `num_cases` tumor cases to prep_dir/cases (and normal subjects to prep_dir/normal).
+
+  Volumes: an ellipsoidal brain of smooth random texture; the tumor (label 2 core, 1 rim) is a
+  ball, brighter than the brain in every modality, in the upper half of the volume, so the
+  lowest slices are tumor-free. Returns the tumor case ids.
+  """
+  rng = np.random.default_rng(seed)
+  h, w = hw
+  zz, yy, xx = np.mgrid[:z, :h, :w].astype(np.float32)
+  brain = (((zz - (z - 1) / 2) / (0.5 * z)) ** 2 + ((yy - (h - 1) / 2) / (0.42 * h)) ** 2 +
+           ((xx - (w - 1) / 2) / (0.42 * w)) ** 2) < 1
+  ids = []
+  for i in range(num_cases + num_normal):
+    normal = i >= num_cases
+    mods = ('t1',) if normal else tuple(modalities)
+    tex = ndimage.gaussian_filter(rng.normal(size=(len(mods), z, h, w)), (0, 1, 2, 2))
+    images = (1.0 + 0.3 * tex / tex.std()) * rng.uniform(0.5, 2.0, (len(mods), 1, 1, 1))
+    label = None
+    if not normal:
+      centre = (rng.uniform(0.6, 0.75) * z, rng.uniform(0.35, 0.65) * h,
+                rng.uniform(0.35, 0.65) * w)
+      r = np.sqrt(((zz - centre[0]) / 2.0) ** 2 + ((yy - centre[1]) / (0.12 * h)) ** 2 +
+                  ((xx - centre[2]) / (0.12 * w)) ** 2)
+      label = (np.where(r < 0.6, 2, 0) + np.where((r >= 0.6) & (r < 1), 1, 0)).astype(np.uint8)
+      label *= brain
+      images = images + 1.5 * (label > 0) * images.mean()
+    images = np.clip(images, 0.05, None) * brain
+    case_id = f'N{i:03d}' if normal else f'P{i:03d}'
+    meta = {'modalities': list(mods), 'group': 'normal' if normal else groups[i % len(groups)]}
+    store.save_prepared(store.PreparedCase(case_id, images.astype(np.float32), brain, label, meta),
+                        Path(prep_dir) / ('normal' if normal else 'cases'))
+    if not normal:
+      ids.append(case_id)
+  return ids
+
+
+def measure(config, data_dir, seconds: float, fold: int = 0) -> dict:
+  """Slices/s of train_iterator (after a warm-up batch), single process."""
+  from clfc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  batch = int(config.train.batch_size)
+  it = input_pipeline.train_iterator(config, data_dir, fold, global_batch_size=batch,
+                                     process_index=0, process_count=1, seed=0)
+  next(it)
+  n, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    n += len(next(it)['slice'])
+  rate = n / (time.perf_counter() - start)
+  return {'slices_per_s': round(rate, 1), 'steps_per_s_fed': round(rate / batch, 2),
+          'batch': batch}
+
+
+def run(sizes=('demo', 'full'), seconds: float = 20.0, num_cases: int = 6, z: int = 40) -> list:
+  from configs import default, demo  # pylint: disable=g-import-not-at-top
+  from data_prep import tfds_builders  # pylint: disable=g-import-not-at-top
+  results = []
+  for size in sizes:
+    config = demo.get_config() if size == 'demo' else default.get_config()
+    config.data.num_folds = 3
+    config.train.batch_size = 4   # the paper's batch: the train step's demand per step.
+    with tempfile.TemporaryDirectory() as tmp:
+      work = Path(tmp)
+      toy_prepared_cohort(work / 'prep', num_cases=num_cases, z=z, hw=tuple(config.prep.crop_hw),
+                          modalities=tuple(config.dataset.modalities))
+      start = time.perf_counter()
+      tfds_builders.build(tfds_builders.tumor_slices_builder(
+          config, work / 'tfds', 0, with_pseudo_normal=False))
+      build_s = time.perf_counter() - start
+      row = {'size': size, 'crop_hw': list(config.prep.crop_hw), 'k': int(config.data.k),
+             'channels': len(config.dataset.modalities) * (2 * config.data.k + 1),
+             'build_s': round(build_s, 1), 'slices_built': num_cases * z}
+      row.update(measure(config, work / 'tfds', seconds))
+      results.append(row)
+      print(json.dumps(row), flush=True)
+  return results
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument('--sizes', default='demo,full')
+  parser.add_argument('--seconds', type=float, default=20.0)
+  parser.add_argument('--out', default='')
+  args = parser.parse_args()
+  results = run(tuple(args.sizes.split(',')), args.seconds)
+  if args.out:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,335 @@
+"""TFDS builders: 2.5D tumor slices per fold, and normal T1 slices for the IntroVAE.
+
+Both read prepared (MNI-space) cases from a prep folder (WORKDIR/prep) and write TFRecord
+shards under data_dir (WORKDIR/tfds), in process (no Beam). Examples are written in generation
+order (patient by patient, slice by slice; `disable_shuffling`), so shards are deterministic and
+evaluation reads slices in order; training shuffles in tf.data. Large tensors are zlib-encoded
+(the masked background compresses to almost nothing) and images are stored as float16.
+
+The dataset a builder writes is named by everything that changes its content (fold, K, crop,
+modalities, pseudo-normal or not, and a hash of the histogram / slice / fold settings), so a
+build with pseudo-normal stacks is a different dataset from one without and adding them later
+only rebuilds shards, not the registration.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_prep import folds as folds_lib
+from data_prep import normalize, slices, store
+from data_prep.case import CaseError
+
+_ZLIB = tfds.features.Encoding.ZLIB
+
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+These builders read prepared (MNI-space) cases from WORKDIR/prep, written by the `prep` stage
+(`python -m clfc_jax.main --stages=prep`). To let the builder prepare them itself, pass the
+cohort folder as the manual dir (`download_config=tfds.download.DownloadConfig(manual_dir=...)`):
+  TumorSlices:    the tumor cohort in config.dataset.layout, e.g. BraTS 2019
+                  ([HGG|LGG]/<ID>/<ID>_{t1,t1ce,t2,flair,seg}.nii.gz; registration required
+                  at https://www.med.upenn.edu/cbica/brats2019/), or MSD Task01_BrainTumour
+                  (imagesTr/, labelsTr/; http://medicaldecathlon.com).
+  NormalT1Slices: IXI T1 images (IXI<nnn>-<site>-<nnnn>-T1.nii.gz, https://brain-development.org/ixi-dataset/).
+"""
+
+
+def _fingerprint(values: dict) -> str:
+  return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _hist_settings(config) -> dict:
+  h = config.prep.hist
+  return {'percentiles': list(h.percentiles), 'scale': list(h.scale),
+          'min_brain': float(config.data.min_brain_fraction), 'dataset': config.dataset.name,
+          'spacing': float(config.prep.spacing)}
+
+
+def _fold_settings(config) -> dict:
+  d = config.data
+  return {'num_folds': int(d.num_folds), 'val_fraction': float(d.val_fraction),
+          'split_seed': int(d.split_seed)}
+
+
+def _manual_cohort(dl_manager) -> Optional[Path]:
+  """The manual dir if the user gave a non-empty one, else None."""
+  try:
+    return Path(dl_manager.manual_dir)
+  except (AssertionError, ValueError):
+    return None
+
+
+def _check_case(pc: store.PreparedCase, modalities, crop_hw, where: Path):
+  if pc.images.ndim != 4 or tuple(pc.images.shape[2:]) != tuple(crop_hw):
+    raise CaseError(where, f'images have shape {pc.images.shape}, expected [M, Z, '
+                    f'{crop_hw[0]}, {crop_hw[1]}] (was it prepared with another crop?)')
+  missing = [m for m in modalities if m not in pc.modalities]
+  if missing:
+    raise CaseError(where, f'lacks modalities {missing} (has {pc.modalities})')
+  if pc.brain.shape != pc.images.shape[1:]:
+    raise CaseError(where, f'brain mask {pc.brain.shape} does not match images '
+                    f'{pc.images.shape[1:]}')
+
+
+def _brain_slices(brain, min_fraction) -> np.ndarray:
+  return np.flatnonzero(brain.mean(axis=(1, 2)) >= min_fraction)
+
+
+class TumorSlices(tfds.core.GeneratorBasedBuilder):
+  """Every brain-containing axial slice of every patient, as 2.5D stacks, split by fold."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First version.'}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+
+  def __init__(self, *, app_config, fold: int, with_pseudo_normal: bool,
+               prep_dir=None, pseudo_normal_dir=None, **kwargs):
+    """`app_config`: the project config; prep_dir / pseudo_normal_dir needed only to build."""
+    c = app_config
+    self._app_config = c
+    self._fold = int(fold)
+    self._k = int(c.data.k)
+    self._crop_hw = tuple(int(x) for x in c.prep.crop_hw)
+    self._modalities = tuple(c.dataset.modalities)
+    self._with_pseudo_normal = bool(with_pseudo_normal)
+    self._prep_dir = Path(prep_dir) if prep_dir else None
+    self._pseudo_normal_dir = Path(pseudo_normal_dir) if pseudo_normal_dir else None
+    h, w = self._crop_hw
+    settings = dict(_hist_settings(c), **_fold_settings(c), modalities=list(self._modalities),
+                    normal_modality=c.dataset.normal_modality)
+    name = (f'fold{self._fold}_k{self._k}_{h}x{w}_{"pn" if self._with_pseudo_normal else "nopn"}'
+            f'_{_fingerprint(settings)}')
+    builder_config = tfds.core.BuilderConfig(
+        name=name, version=self.VERSION,
+        description=f'test fold {self._fold}, K={self._k}, {h}x{w}, modalities '
+                    f'{",".join(self._modalities)}, pseudo-normal={self._with_pseudo_normal}; '
+                    f'settings {json.dumps(settings, sort_keys=True)}')
+    super().__init__(config=builder_config, **kwargs)
+
+  def _info(self):
+    h, w = self._crop_hw
+    n = 2 * self._k + 1
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='2.5D axial slices of MNI-aligned, histogram-matched tumor cases (CLFC).',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(h, w, len(self._modalities) * n),
+                                          dtype=np.float16, encoding=_ZLIB),
+            'normal': tfds.features.Tensor(shape=(h, w, n), dtype=np.float16, encoding=_ZLIB),
+            'has_pseudo_normal': tfds.features.Scalar(dtype=np.bool_),
+            'label': tfds.features.Tensor(shape=(h, w), dtype=np.uint8, encoding=_ZLIB),
+            'brain': tfds.features.Tensor(shape=(h, w), dtype=np.bool_, encoding=_ZLIB),
+            'patient': tfds.features.Text(),
+            'slice': tfds.features.Scalar(dtype=np.int32),
+            'has_tumor': tfds.features.Scalar(dtype=np.bool_),
+        }),
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    c = self._app_config
+    if self._prep_dir is None:
+      raise ValueError('TumorSlices: pass prep_dir to build the dataset')
+    cases_dir = self._prep_dir / 'cases'
+    manual = _manual_cohort(dl_manager)
+    if manual is not None:   # resumable: prepares what prep/cases lacks.
+      from data_prep import prepare, readers  # pylint: disable=g-import-not-at-top
+      c = c.copy_and_resolve_references()
+      with c.unlocked():
+        c.dataset.root = str(manual)
+      prepare.prepare_cohort(readers.find_cases(c), c, cases_dir)
+    if not store.prepared_ids(cases_dir):
+      raise CaseError(cases_dir, 'no prepared cases and no manual_dir:\n' +
+                      MANUAL_DOWNLOAD_INSTRUCTIONS)
+    split = folds_lib.prepared_split(self._prep_dir, c, self._fold)
+    refs = normalize.load_or_fit_references(
+        self._prep_dir / f'hist_refs_fold{self._fold}.json', cases_dir,
+        split['train'] + split['val'], self._modalities, c)
+    return {name: self._generate_examples(ids, refs) for name, ids in split.items() if ids}
+
+  def _generate_examples(self, case_ids, refs):
+    for case_id in case_ids:
+      yield from self._case_examples(case_id, refs)
+
+  def _pseudo_normal(self, case_id, shape):
+    if not self._with_pseudo_normal or self._pseudo_normal_dir is None:
+      return None
+    path = self._pseudo_normal_dir / f'{case_id}.npz'
+    if not path.exists():
+      logging.warning('no pseudo-normal T1 for %s (%s): zeros, has_pseudo_normal=False',
+                      case_id, path)
+      return None
+    try:
+      with np.load(path) as z:
+        t1 = z['t1'].astype(np.float32)
+    except (OSError, KeyError, ValueError) as e:
+      raise CaseError(path, f"unreadable pseudo-normal volume (needs key 't1'): {e}") from None
+    if t1.shape != shape:
+      raise CaseError(path, f'pseudo-normal T1 has shape {t1.shape}, the case {shape}')
+    return t1
+
+  def _case_examples(self, case_id, refs):
+    c = self._app_config
+    cases_dir = self._prep_dir / 'cases'
+    where = cases_dir / f'{case_id}.npz'
+    pc = store.load_prepared(cases_dir, case_id)
+    _check_case(pc, self._modalities, self._crop_hw, where)
+    if pc.label is None:
+      raise CaseError(where, 'tumor case without a label')
+    matched = np.stack([normalize.apply_reference(pc.modality(m), pc.brain, refs[m], c)
+                        for m in self._modalities])
+    tumor = pc.label > 0
+    pseudo = self._pseudo_normal(case_id, pc.brain.shape)
+    zeros = np.zeros(self._crop_hw + (2 * self._k + 1,), np.float16)
+    for s in _brain_slices(pc.brain, c.data.min_brain_fraction):
+      yield f'{case_id}_{s:04d}', {
+          'image': slices.slice_stack(matched, s, self._k).astype(np.float16),
+          'normal': (zeros if pseudo is None else
+                     slices.stack_25d(pseudo, s, self._k).astype(np.float16)),
+          'has_pseudo_normal': pseudo is not None,
+          'label': tumor[s].astype(np.uint8),
+          'brain': pc.brain[s],
+          'patient': case_id,
+          'slice': int(s),
+          'has_tumor': bool(tumor[s].any()),
+      }
+
+
+class NormalT1Slices(tfds.core.GeneratorBasedBuilder):
+  """Axial normal-appearance T1 slices in [-1, 1] for the IntroVAE ([H, W, 1]).
+
+  source='normal': the normal cohort (prep/normal), matched to its own reference.
+  source='fallback': fold `fold`'s training tumor cases, slices with no tumor within
+  config.data.tumor_free_margin slices (used when there is no normal cohort).
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First version.'}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+
+  def __init__(self, *, app_config, source: str = 'normal', fold: int = 0, prep_dir=None,
+               **kwargs):
+    if source not in ('normal', 'fallback'):
+      raise ValueError(f"source must be 'normal' or 'fallback', not {source!r}")
+    c = app_config
+    self._app_config = c
+    self._source = source
+    self._fold = int(fold)
+    self._crop_hw = tuple(int(x) for x in c.prep.crop_hw)
+    self._modality = c.dataset.normal_modality
+    self._prep_dir = Path(prep_dir) if prep_dir else None
+    h, w = self._crop_hw
+    settings = _hist_settings(c)
+    if source == 'fallback':
+      settings.update(_fold_settings(c), margin=int(c.data.tumor_free_margin))
+    where = 'normal' if source == 'normal' else f'fallback_fold{self._fold}'
+    name = f'{where}_{self._modality}_{h}x{w}_{_fingerprint(settings)}'
+    builder_config = tfds.core.BuilderConfig(
+        name=name, version=self.VERSION,
+        description=f'{source} {self._modality} slices, {h}x{w}; settings '
+                    f'{json.dumps(settings, sort_keys=True)}')
+    super().__init__(config=builder_config, **kwargs)
+
+  def _info(self):
+    h, w = self._crop_hw
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='Axial normal-appearance T1 slices, histogram-matched, in [-1, 1].',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(h, w, 1), dtype=np.float16, encoding=_ZLIB),
+            'patient': tfds.features.Text(),
+            'slice': tfds.features.Scalar(dtype=np.int32),
+        }),
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    c = self._app_config
+    if self._prep_dir is None:
+      raise ValueError('NormalT1Slices: pass prep_dir to build the dataset')
+    if self._source == 'normal':
+      normal_dir = self._prep_dir / 'normal'
+      manual = _manual_cohort(dl_manager)
+      if manual is not None:
+        from data_prep import prepare, readers  # pylint: disable=g-import-not-at-top
+        prepare.prepare_cohort(readers.find_normal_cases(manual, self._modality), c, normal_dir)
+      ids = store.prepared_ids(normal_dir)
+      if not ids:
+        raise CaseError(normal_dir, 'no prepared normal subjects and no manual_dir:\n' +
+                        MANUAL_DOWNLOAD_INSTRUCTIONS)
+      source_dir, margin = normal_dir, None
+    else:
+      logging.warning('NormalT1Slices: no normal cohort; FALLBACK to tumor-free T1 slices of '
+                      "fold %d's training cases (>= %d slices from any tumor voxel)",
+                      self._fold, c.data.tumor_free_margin)
+      split = folds_lib.prepared_split(self._prep_dir, c, self._fold)
+      ids = split['train'] + split['val']
+      source_dir, margin = self._prep_dir / 'cases', int(c.data.tumor_free_margin)
+    landmarks = normalize.normal_t1_reference(self._prep_dir, c, self._fold)
+    return {'train': self._generate_examples(source_dir, ids, landmarks, margin)}
+
+  def _generate_examples(self, source_dir, case_ids, landmarks, margin):
+    from scipy import ndimage  # pylint: disable=g-import-not-at-top
+    c = self._app_config
+    for case_id in case_ids:
+      pc = store.load_prepared(source_dir, case_id)
+      _check_case(pc, (self._modality,), self._crop_hw, source_dir / f'{case_id}.npz')
+      unit = normalize.to_unit_range(
+          normalize.apply_reference(pc.modality(self._modality), pc.brain, landmarks, c),
+          pc.brain, c)
+      keep = np.zeros(pc.brain.shape[0], bool)
+      keep[_brain_slices(pc.brain, c.data.min_brain_fraction)] = True
+      if margin is not None:
+        if pc.label is None:
+          raise CaseError(source_dir / f'{case_id}.npz', 'tumor case without a label')
+        tumor_slices = pc.label.reshape(len(keep), -1).any(axis=1).astype(np.uint8)
+        near = ndimage.maximum_filter1d(tumor_slices, 2 * margin + 1, mode='constant')
+        keep &= near == 0
+      for s in np.flatnonzero(keep):
+        yield f'{case_id}_{s:04d}', {'image': unit[s, :, :, None].astype(np.float16),
+                                     'patient': case_id, 'slice': int(s)}
+
+
+def _default_dir(data_dir, name) -> Path:
+  return Path(data_dir).parent / name
+
+
+def tumor_slices_builder(config, data_dir, fold: int, *, with_pseudo_normal: bool,
+                         prep_dir=None, pseudo_normal_dir=None) -> TumorSlices:
+  """The fold's builder; prep_dir / pseudo_normal_dir default to data_dir's WORKDIR siblings."""
+  return TumorSlices(app_config=config, fold=fold, with_pseudo_normal=with_pseudo_normal,
+                     prep_dir=prep_dir or _default_dir(data_dir, 'prep'),
+                     pseudo_normal_dir=pseudo_normal_dir or _default_dir(data_dir, 'pseudo_normal'),
+                     data_dir=str(data_dir))
+
+
+def normal_source(config, data_dir, prep_dir=None) -> str:
+  """'normal' when a normal cohort is prepared (or its slices are built), else 'fallback'."""
+  prep_dir = Path(prep_dir) if prep_dir else _default_dir(data_dir, 'prep')
+  if store.prepared_ids(prep_dir / 'normal'):
+    return 'normal'
+  probe = NormalT1Slices(app_config=config, source='normal', prep_dir=prep_dir,
+                         data_dir=str(data_dir))
+  return 'normal' if probe.is_prepared() else 'fallback'
+
+
+def normal_t1_builder(config, data_dir, *, fold: int = 0, prep_dir=None,
+                      source: Optional[str] = None) -> NormalT1Slices:
+  """The IntroVAE's slices: the normal cohort if there is one, else fold `fold`'s fallback."""
+  source = source or normal_source(config, data_dir, prep_dir)
+  return NormalT1Slices(app_config=config, source=source, fold=fold,
+                        prep_dir=prep_dir or _default_dir(data_dir, 'prep'),
+                        data_dir=str(data_dir))
+
+
+def build(builder, manual_dir=None):
+  """Writes the builder's shards (in process) unless they exist; returns the builder."""
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir and str(manual_dir), try_download_gcs=False))
+  return builder
