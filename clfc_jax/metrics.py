@@ -12,8 +12,8 @@ Definitions (pinned down so that the numbers are reproducible):
     A deep inside B still has a positive distance), computed exactly with
     scipy.ndimage.distance_transform_edt(~surface(B), sampling=spacing).
   * HD95 = max(P95(d(surface(A) -> B)), P95(d(surface(B) -> A))), P95 being numpy.percentile
-    with its default linear interpolation. (medpy's hd95 takes one P95 of both directions
-    pooled instead; the two agree when the directed P95s are equal.)
+    with its default linear interpolation. (medpy's hd95 takes one P95 over both directions
+    pooled instead, from the same surfaces and distances; tests compare the two like for like.)
   * Empty masks (BraTS convention): both empty -> Dice 1, sensitivity 1, HD95 0; exactly one
     empty -> Dice 0, HD95 = the image's diagonal in mm, sqrt(sum((shape * spacing)^2)).
     Sensitivity = TP / (TP + FN) depends on the truth only through its positives: with an empty
