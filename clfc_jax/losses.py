@@ -1,0 +1,71 @@
+"""Segmentation losses (SPEC §4): soft Dice, optional cross-entropy, SimSiam L_sim. Pure functions.
+
+Every reduction runs in float32 whatever the activation dtype.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+COSINE_EPS = 1e-8   # PyTorch F.cosine_similarity's norm floor.
+
+
+def foreground_probability(logits):
+  """P(any tumor class) per pixel, float32 [B, H, W]."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.sum(probs[..., 1:], axis=-1)
+
+
+def dice_loss(logits, label, smooth):
+  """1 - (2Σpy + s) / (Σp + Σy + s), pooled over the whole batch."""
+  p = foreground_probability(logits)
+  y = (label > 0).astype(jnp.float32)
+  return 1.0 - (2.0 * jnp.sum(p * y) + smooth) / (jnp.sum(p) + jnp.sum(y) + smooth)
+
+
+def cross_entropy(logits, label):
+  """Mean pixel-wise softmax cross-entropy."""
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), label.astype(jnp.int32)))
+
+
+def negative_cosine(p, z):
+  """D(p, z) = -cos(p, stop_gradient(z)) per row of [N, C]."""
+  p = p.astype(jnp.float32)
+  z = jax.lax.stop_gradient(z).astype(jnp.float32)
+  # optax.safe_norm keeps the gradient finite for an all-zero vector.
+  p_norm = optax.safe_norm(p, COSINE_EPS, axis=-1)
+  z_norm = optax.safe_norm(z, COSINE_EPS, axis=-1)
+  return -jnp.sum(p * z, axis=-1) / (p_norm * z_norm)
+
+
+def simsiam_level_loss(heads, mask_mode):
+  """L_sim,l = ½[D(p_t, z_r) + D(p_r, z_t)], averaged over Ω_NR ('normal_only') or every
+  pixel ('zero_tumor', the authors' code, whose tumor vectors were zeroed before the heads)."""
+  d = 0.5 * (negative_cosine(heads['p_t'], heads['z_r']) +
+             negative_cosine(heads['p_r'], heads['z_t']))
+  if mask_mode == 'zero_tumor':
+    return jnp.mean(d)
+  if mask_mode != 'normal_only':
+    raise ValueError(f"config.loss.sim_mask_mode={mask_mode!r}; expected 'normal_only' or "
+                     "'zero_tumor'")
+  w = heads['mask'].astype(jnp.float32)
+  return jnp.sum(d * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def segmentation_loss(outputs, label, config):
+  """L = Dice + ce_weight·CE + sim_weight·Σ_l L_sim,l; returns (loss, metrics of every term)."""
+  lo = config.loss
+  logits = outputs['logits']
+  dice = dice_loss(logits, label, lo.dice_smooth)
+  ce = cross_entropy(logits, label)
+  loss = dice + lo.ce_weight * ce
+  metrics = {'dice_loss': dice, 'ce': ce}
+  sim = jnp.zeros((), jnp.float32)
+  for level, heads in enumerate(outputs.get('simsiam', ())):
+    level_loss = simsiam_level_loss(heads, lo.sim_mask_mode)
+    metrics[f'sim_l{level}'] = level_loss
+    sim = sim + level_loss
+  metrics['sim'] = sim
+  loss = loss + lo.sim_weight * sim
+  metrics['loss'] = loss
+  return loss, metrics

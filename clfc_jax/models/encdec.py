@@ -1,0 +1,70 @@
+"""The encoder/decoder shared by the segmentation backbone and the normal-appearance net (SPEC §3).
+
+The decoder returns every level's features because CLFC compares the two networks level by
+level; a `gate(level, x) -> x'` callback lets the caller replace each level's output (the CLFC
+gate) before it is upsampled further, so one decoder serves every variant.
+"""
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from clfc_jax.models.upsample import make_upsample
+
+
+def scaled_width(n, width):
+  """`n` channels times the width multiplier, rounded to an even number >= 2 (CLFC halves it)."""
+  return max(2, 2 * int(round(n * width / 2)))
+
+
+def encoder_channels(config):
+  """Encoder channels per level (64, 128, 256, 512 at width 1)."""
+  return tuple(scaled_width(c, config.model.width) for c in config.model.channels)
+
+
+class Encoder(nn.Module):
+  """Level i: Conv3x3 (bias) -> BatchNorm -> ReLU -> MaxPool 2; returns [e1, e2, e3, e4]."""
+  channels: Sequence[int]
+  dtype: Any = jnp.float32
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    feats = []
+    for i, features in enumerate(self.channels):
+      x = nn.Conv(features, (3, 3), padding='SAME', dtype=self.dtype, name=f'conv{i + 1}')(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                       epsilon=self.bn_epsilon, dtype=self.dtype, name=f'bn{i + 1}')(x)
+      # ReLU commutes with max-pooling; pooling first touches 4x fewer values.
+      x = nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)))
+      feats.append(x)
+    return feats
+
+
+class Decoder(nn.Module):
+  """d0 = UP(e4); d1 = UP([d0', e3]); d2 = UP([d1', e2]); d3 = UP(d2'), x' = gate(level, x).
+
+  UP is the 2x (k4, s2) upsampling with no norm or activation, channels reversed from the
+  encoder's (512, 256, 128, 64). full_skips (the `unet` variant) also feeds e1 into the last
+  UP: d3 = UP([d2', e1]), so every encoder level has a skip; the paper's net has none from e1.
+  Returns [d0', d1', d2', d3'] at 1/8, 1/4, 1/2 and full resolution.
+  """
+  channels: Sequence[int]
+  full_skips: bool = False
+  upsample: str = 'phase'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, feats, gate: Optional[Callable] = None):
+    e1, e2, e3, e4 = feats
+    skips = (e3, e2, e1 if self.full_skips else None, None)
+    x, outs = e4, []
+    for level, (features, skip) in enumerate(zip(reversed(self.channels), skips)):
+      x = make_upsample(self.upsample, features, self.dtype, name=f'up{level}')(x)
+      if gate is not None:
+        x = gate(level, x)
+      outs.append(x)
+      if skip is not None:
+        x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
+    return outs
