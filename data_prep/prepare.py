@@ -1,0 +1,266 @@
+"""The preparation stage (paper §3): a validated case -> MNI152-aligned, brain-masked, cropped.
+
+One case: read and check (validate.load_case), register one modality to the MNI152 T1 template
+(affine, register.py), pull every modality, the label and the healthy T1 through that single
+transform, mask the brain, cut the fixed crop box, scale each modality by a brain percentile.
+A cohort: the same per case in a spawn-safe process pool, resumable (a case whose JSON exists
+is done), one broken case never costs the others (it is listed with its reason).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import json
+import multiprocessing
+import os
+from pathlib import Path
+import time
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from data_prep import register, store, validate
+from data_prep.case import Case, CaseError, LoadedCase
+
+SUMMARY_NAME = 'prep_summary.json'
+
+
+# --- the fixed crop box ----------------------------------------------------------------------
+def crop_box(template_mask: np.ndarray, crop_hw) -> tuple:
+  """((z0, z1), (h0, h1), (w0, w1)) on the MNI grid [Z, H, W], the same for every case.
+
+  Z spans the template's brain slices; in-plane the box of size `crop_hw` is centred on the
+  brain's bounding box (it may reach past the grid: those voxels are padding).
+  """
+  mask = np.asarray(template_mask) > 0
+  box = []
+  for axis, size in zip(range(3), (None,) + tuple(crop_hw)):
+    others = tuple(a for a in range(3) if a != axis)
+    present = np.flatnonzero(mask.any(axis=others))
+    lo, hi = int(present[0]), int(present[-1]) + 1
+    if size is not None:
+      lo = int(np.floor((lo + hi - int(size)) / 2))
+      hi = lo + int(size)
+    box.append((lo, hi))
+  return tuple(box)
+
+
+@functools.lru_cache(maxsize=8)
+def _mni_space(spacing: float, mask_threshold: float, dilation_mm: float, crop_hw: tuple):
+  """Template, registration mask (dilated brain) and crop box for one prep config."""
+  template, mask = register.mni_template(spacing, mask_threshold)
+  dilated = register.dilate_mask(mask, dilation_mm)
+  box = crop_box(sitk.GetArrayViewFromImage(mask), crop_hw)
+  return template, dilated, box
+
+
+def mni_space(config):
+  p = config.prep
+  return _mni_space(float(p.spacing), float(p.template_mask_threshold),
+                    float(p.mask_dilation_mm), tuple(int(v) for v in p.crop_hw))
+
+
+# --- one case --------------------------------------------------------------------------------
+def registration_modality(case: Case, config) -> str:
+  d = config.dataset
+  name = d.normal_modality if case.group == 'normal' else d.registration_modality
+  if name not in case.images:
+    first = next(iter(case.images.values()), None)
+    raise CaseError(first.path if first else case.case_id,
+                    f'registration modality {name!r} missing (case has {list(case.images)})')
+  return name
+
+
+def prepare_case(case: Case, config, out_dir=None) -> store.PreparedCase:
+  """Reads, checks, aligns and crops one case; saves it into `out_dir` when given."""
+  start = time.perf_counter()
+  loaded = validate.load_case(case, config)
+  seconds = {'load': time.perf_counter() - start}
+  prepared = prepare_loaded(loaded, config, seconds=seconds)
+  if out_dir is not None:
+    tick = time.perf_counter()
+    store.save_prepared(prepared, out_dir)
+    seconds['save'] = time.perf_counter() - tick
+  seconds['total'] = time.perf_counter() - start
+  prepared.meta['seconds'] = {k: round(v, 3) for k, v in seconds.items()}
+  return prepared
+
+
+def prepare_loaded(loaded: LoadedCase, config, *, seconds: Optional[dict] = None
+                   ) -> store.PreparedCase:
+  """The MNI part of `prepare_case` for a case already in memory (canonical RAS+ arrays)."""
+  seconds = {} if seconds is None else seconds
+  case = loaded.case
+  p = config.prep
+  template, reg_mask, box = mni_space(config)
+  reg_name = registration_modality(case, config)
+  where = case.images[reg_name].path
+
+  tick = time.perf_counter()
+  register.check_geometry(where, loaded.affine)
+  moving = register.to_sitk(loaded.images[reg_name], loaded.affine)
+  try:
+    transform = register.register_affine(moving, template, p.reg, fixed_mask=reg_mask)
+    metric = register.metric_value(moving, template, transform, p.reg, fixed_mask=reg_mask)
+  except RuntimeError as e:  # ITK: e.g. too few samples inside the mask after a bad start.
+    raise CaseError(where, f'registration to MNI152 failed: {str(e).strip().splitlines()[-1]}')
+  seconds['register'] = time.perf_counter() - tick
+
+  tick = time.perf_counter()
+  def pull(array, interp):
+    image = register.resample(register.to_sitk(array, loaded.affine), template, transform, interp)
+    return sitk.GetArrayFromImage(image)   # [Z, H, W]
+
+  modalities = list(loaded.images)
+  images = np.stack([pull(loaded.images[m], 'linear') for m in modalities])
+  label = pull(loaded.label, 'nearest').astype(np.uint8) if loaded.label is not None else None
+  healthy = pull(loaded.healthy_t1, 'linear') if loaded.healthy_t1 is not None else None
+
+  # Dilated template brain AND signal: skull-stripped inputs keep their own edge, unstripped
+  # ones lose the skull. Labelled voxels are brain (tumor tissue) even past the template.
+  brain = sitk.GetArrayFromImage(reg_mask).astype(bool) & (images > 0).any(axis=0)
+  if label is not None:
+    brain |= label > 0
+  images = register.crop_to_box(images * brain, box)
+  brain_c = register.crop_to_box(brain, box)
+  if not brain_c.any():
+    raise CaseError(where, 'no brain voxel inside the MNI crop after registration')
+  scales = {}
+  for i, m in enumerate(modalities):
+    scales[m] = _brain_percentile(images[i], brain_c, p.scale_percentile)
+    if not scales[m] > 0:
+      raise CaseError(case.images[m].path, 'no positive intensity inside the brain after '
+                      'MNI alignment (blank modality or failed registration)')
+    images[i] /= scales[m]
+  if healthy is not None:
+    healthy = register.crop_to_box(healthy * brain, box)
+    healthy /= max(_brain_percentile(healthy, brain_c, p.scale_percentile), 1e-12)
+  if label is not None:
+    label = register.crop_to_box(label, box)
+  seconds['resample'] = time.perf_counter() - tick
+
+  meta = {
+      'case_id': case.case_id, 'group': case.group, 'modalities': modalities,
+      'registration_modality': reg_name,
+      'files': {m: str(ref.path) for m, ref in case.images.items()},
+      'label_file': str(case.label.path) if case.label is not None else None,
+      'native_shape': [int(n) for n in loaded.native.shape],
+      'native_affine': np.asarray(loaded.native.affine).tolist(),
+      'canonical_affine': np.asarray(loaded.affine).tolist(),
+      'mni_grid': register.grid_meta(template),
+      'crop_box': [list(b) for b in box],
+      'transform': register.transform_to_meta(transform),
+      'registration_metric': metric,
+      'scale': scales,
+  }
+  return store.PreparedCase(case_id=case.case_id, images=images.astype(np.float32),
+                            brain=brain_c, label=label, meta=meta,
+                            healthy_t1=None if healthy is None else healthy.astype(np.float32))
+
+
+def _brain_percentile(image, brain, q) -> float:
+  values = image[brain]
+  return float(np.percentile(values, q)) if values.size else 0.0
+
+
+# --- a cohort --------------------------------------------------------------------------------
+def _threads(config, workers: int) -> int:
+  n = int(config.prep.threads_per_worker)
+  return n if n > 0 else max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def _init_worker(threads: int) -> None:
+  sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _prepare_one(case: Case, config, out_dir: str):
+  """(case_id, None, seconds) when done, (case_id, reason, seconds) when it cannot be used."""
+  start = time.perf_counter()
+  try:
+    prepare_case(case, config, out_dir)
+    return case.case_id, None, time.perf_counter() - start
+  except CaseError as e:
+    return case.case_id, str(e), time.perf_counter() - start
+  except Exception as e:  # pylint: disable=broad-except  (one case must not stop the cohort)
+    files = ', '.join(str(r.path) for r in case.images.values())
+    return (case.case_id, f'{type(e).__name__}: {e} (files: {files})',
+            time.perf_counter() - start)
+
+
+def prepare_cohort(cases, config, out_dir, *, num_workers: Optional[int] = None,
+                   progress: bool = True) -> dict:
+  """Prepares every case not yet in `out_dir`; returns and writes the run's summary.
+
+  Summary: {'prepared': [ids], 'reused': [ids], 'skipped': {id: reason}, 'seconds': ...}.
+  Writes only `out_dir/<id>.{npz,json}` and `out_dir/prep_summary.json`.
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  out_dir = Path(out_dir)
+  cases = list(cases)
+  _refuse_input_folder(cases, out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  done = set(store.prepared_ids(out_dir))
+  reused = sorted(c.case_id for c in cases if c.case_id in done)
+  todo = [c for c in cases if c.case_id not in done]
+  workers = int(config.prep.num_workers if num_workers is None else num_workers)
+  workers = max(1, min(workers, len(todo)))
+  start = time.perf_counter()
+  results = []
+  bar = tqdm(total=len(todo), desc='prep', unit='case', disable=not progress or not todo)
+  if workers == 1:
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    _init_worker(_threads(config, 1))
+    try:
+      for case in todo:
+        results.append(_prepare_one(case, config, str(out_dir)))
+        bar.update()
+    finally:
+      sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+  else:
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context('spawn'),
+        initializer=_init_worker, initargs=(_threads(config, workers),)) as pool:
+      futures = {pool.submit(_prepare_one, c, config, str(out_dir)): c for c in todo}
+      for future in concurrent.futures.as_completed(futures):
+        case = futures[future]
+        try:
+          results.append(future.result())
+        except Exception as e:  # pylint: disable=broad-except  (a worker died: OOM, signal)
+          results.append((case.case_id, f'worker failed: {type(e).__name__}: {e}', 0.0))
+        bar.update()
+  bar.close()
+  summary = {
+      'prepared': sorted(i for i, reason, _ in results if reason is None),
+      'reused': reused,
+      'skipped': {i: reason for i, reason, _ in sorted(results) if reason is not None},
+      'seconds': round(time.perf_counter() - start, 2),
+      'seconds_per_case': {i: round(s, 2) for i, reason, s in sorted(results) if reason is None},
+      'workers': workers,
+  }
+  tmp = out_dir / f'.{SUMMARY_NAME}.tmp'
+  tmp.write_text(json.dumps(summary, indent=1))
+  os.replace(tmp, out_dir / SUMMARY_NAME)
+  if progress:
+    print(format_summary(summary, out_dir))
+  return summary
+
+
+def format_summary(summary: dict, out_dir) -> str:
+  lines = [f'prep -> {out_dir}: {len(summary["prepared"])} prepared, '
+           f'{len(summary["reused"])} reused, {len(summary["skipped"])} skipped '
+           f'({summary["seconds"]} s, {summary["workers"]} workers)']
+  for case_id, reason in summary['skipped'].items():
+    lines.append(f'  skipped {case_id:<24} {reason}')
+  return '\n'.join(lines)
+
+
+def _refuse_input_folder(cases, out_dir: Path) -> None:
+  """Prepared files go next to nothing of the user's: out_dir may not hold input files."""
+  out = out_dir.resolve()
+  for case in cases:
+    refs = list(case.images.values()) + [r for r in (case.label, case.healthy_t1) if r]
+    for ref in refs:
+      if Path(ref.path).resolve().parent == out:
+        raise ValueError(f'output folder {out_dir} holds input file {ref.path}; '
+                         'choose a separate prep folder')
