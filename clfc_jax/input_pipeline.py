@@ -145,9 +145,10 @@ def augment_example(ex, seed, aug):
   h, w = masks.shape[0], masks.shape[1]
 
   def warp_all():
+    # Pixels rotated in from outside take the corner (background) value of each channel:
+    # 0 for matched images, the background of the pseudo-normal's own range.
     t = _affine_transform(angle, scale, h, w)
-    warped = [_warp(dense[0], t, 'BILINEAR', 0.0)]
-    warped += [_warp(x, t, 'BILINEAR', tf.reduce_min(x)) for x in dense[1:]]
+    warped = [_warp(x - x[:1, :1], t, 'BILINEAR', 0.0) + x[:1, :1] for x in dense]
     return warped, _warp(masks, t, 'NEAREST', 0.0)
 
   dense, masks = tf.cond(tf.logical_or(angle != 0.0, scale != 1.0), warp_all,
