@@ -237,9 +237,10 @@ class _Subject:
   contrast: dict               # modality -> (csf, gm, wm)
   tumor_contrast: dict         # modality -> {label: level}
   scale: dict                  # modality -> scanner scale
+  spacing: float               # nominal output spacing: how much the templates are blurred
 
 
-def _draw_subject(rng, grid: Grid, modalities) -> _Subject:
+def _draw_subject(rng, grid: Grid, modalities, spacing) -> _Subject:
   world_to_mni = _random_affine(rng)
   box = _brain_box(grid, world_to_mni)
   shape = tuple(s.stop - s.start for s in box)
@@ -257,7 +258,8 @@ def _draw_subject(rng, grid: Grid, modalities) -> _Subject:
                     for m in modalities}
   scale = {m: rng.uniform(*SCANNER_SCALE) for m in modalities}
   return _Subject(grid, box, world_to_mni, displacement, bias.astype(np.float32), noise,
-                  float(rng.uniform(*NOISE_STD)), contrast, tumor_contrast, scale)
+                  float(rng.uniform(*NOISE_STD)), contrast, tumor_contrast, scale,
+                  float(spacing))
 
 
 def _world(grid: Grid, region):
@@ -278,13 +280,13 @@ def _dot3(weights, stack):
   return w[0] * stack[0] + w[1] * stack[1] + w[2] * stack[2]
 
 
-def _sample_tissues(sub: _Subject, source_world, spacing):
+def _sample_tissues(sub: _Subject, source_world):
   """CSF, GM, WM probabilities [3, ...] at source world points through the subject transform."""
   mni_vox = (np.linalg.inv(_mni()['affine']) @ sub.world_to_mni).astype(np.float32)
   coords = np.empty_like(source_world)
   for k in range(3):  # elementwise, not BLAS: a voxel's value must not depend on the array size.
     coords[k] = _dot3(mni_vox[k, :3], source_world) + mni_vox[k, 3]
-  maps = _tissues_for_spacing(round(float(spacing), 3))
+  maps = _tissues_for_spacing(round(sub.spacing, 3))
   out = np.empty((len(maps),) + coords.shape[1:], np.float32)
   for t, o in zip(maps, out):
     ndi.map_coordinates(t, coords, output=o, order=1, mode='constant', cval=0.0,
@@ -309,10 +311,10 @@ def _to_int16(x, brain):
   return np.where(brain, np.clip(np.rint(x), 0, np.iinfo(np.int16).max), 0).astype(np.int16)
 
 
-def _render_normal(sub: _Subject, modalities, spacing):
-  """Tumor-free volumes (int16, full grid) and the subject's brain mask."""
+def _render_normal(sub: _Subject, modalities):
+  """Tumor-free volumes (modality -> int16, full grid); background is 0."""
   world = _world(sub.grid, sub.box) + sub.displacement
-  tissues = _sample_tissues(sub, world, spacing)
+  tissues = _sample_tissues(sub, world)
   brain = np.zeros(sub.grid.shape, bool)
   brain[sub.box] = tissues.sum(0) > TISSUE_BRAIN_THRESHOLD
   local = _local(sub.box, sub.box)
@@ -322,7 +324,7 @@ def _render_normal(sub: _Subject, modalities, spacing):
     full = np.zeros(sub.grid.shape, np.float32)
     full[sub.box] = _acquire(sub, m, level, local)
     images[m] = _to_int16(full, brain)
-  return images, brain
+  return images
 
 
 # --- Tumors --------------------------------------------------------------------------------
@@ -364,7 +366,7 @@ def _draw_tumor(rng, sub: _Subject) -> _TumorSpec:
                     mass, group, str(site))
 
 
-def _tumor_region(sub: _Subject, spec: _TumorSpec, spacing):
+def _tumor_region(sub: _Subject, spec: _TumorSpec):
   """Grid slices around the tumor holding its lesion and its mass effect (within the box)."""
   reach = _mass_reach(spec)
   vox = np.linalg.inv(sub.grid.affine) @ np.append(spec.centre, 1.0)
@@ -398,7 +400,8 @@ def _tumor_distance(rng, world, spec: _TumorSpec, voxel):
   r = np.sqrt((local ** 2).sum(0)) / np.float32(spec.radius)
   cell = max(2.0, spec.radius / 2.5)
   shape = world.shape[1:]
-  rough = _smooth_field(rng, shape, voxel, cell) * np.float32(spec.roughness)
+  # Clipped at 2 std so that the lesion stays within its mass-effect reach (2 R + 10 mm).
+  rough = np.clip(_smooth_field(rng, shape, voxel, cell), -2, 2) * np.float32(spec.roughness)
   core_rough = _smooth_field(rng, shape, voxel, cell) * np.float32(spec.roughness / 2)
   texture = _smooth_field(rng, shape, voxel, max(2.0, spec.radius / 4))
   return r + rough, r + rough + core_rough, texture
@@ -419,14 +422,14 @@ def _nested_labels(masks, labels, brain):
   return out
 
 
-def _render_tumor(rng, sub: _Subject, spec: _TumorSpec, images, brain, spacing):
-  """Overwrites the tumor region of `images`; returns the label map and the tumor brain mask."""
-  region = _tumor_region(sub, spec, spacing)
+def _render_tumor(rng, sub: _Subject, spec: _TumorSpec, images):
+  """Overwrites the tumor region of `images` in place; returns the label map (full grid)."""
+  region = _tumor_region(sub, spec)
   local = _local(region, sub.box)
   voxel = np.sqrt((sub.grid.affine[:3, :3] ** 2).sum(0))
   world = _world(sub.grid, region)
   source = _push(world, world + sub.displacement[(slice(None),) + local], spec)
-  tissues = _sample_tissues(sub, source, spacing)
+  tissues = _sample_tissues(sub, source)
   region_brain = tissues.sum(0) > TISSUE_BRAIN_THRESHOLD
 
   d_outer, d_inner, texture = _tumor_distance(rng, world, spec, voxel)
@@ -456,11 +459,9 @@ def _render_tumor(rng, sub: _Subject, spec: _TumorSpec, images, brain, spacing):
     level = (1 - outer_w) * normal + outer_w * inner
     patch = _acquire(sub, m, level, local)
     images[m][region] = _to_int16(patch, region_brain)
-  tumor_brain = brain.copy()
-  tumor_brain[region] = region_brain
   full_label = np.zeros(sub.grid.shape, np.uint8)
   full_label[region] = label
-  return full_label, tumor_brain
+  return full_label
 
 
 # --- Public API ----------------------------------------------------------------------------
@@ -473,11 +474,11 @@ def subject_rng(seed: int, part: str, index: int) -> np.random.Generator:
 def make_tumor_subject(rng: np.random.Generator, spacing: float = 1.0) -> SyntheticSubject:
   """A BraTS-like tumor subject: t1, t1ce, t2, flair, BraTS labels and the healthy T1."""
   grid = brats_grid(spacing)
-  sub = _draw_subject(rng, grid, MODALITIES)
+  sub = _draw_subject(rng, grid, MODALITIES, spacing)
   spec = _draw_tumor(rng, sub)
-  images, brain = _render_normal(sub, MODALITIES, spacing)
+  images = _render_normal(sub, MODALITIES)
   healthy_t1 = images['t1'].copy()
-  label, _ = _render_tumor(rng, sub, spec, images, brain, spacing)
+  label = _render_tumor(rng, sub, spec, images)
   voxel_ml = float(np.prod(np.sqrt((grid.affine[:3, :3] ** 2).sum(0)))) / 1000.0
   volumes = {str(k): float((label == k).sum() * voxel_ml) for k in (1, 2, 4)}
   info = {'group': spec.group, 'site': spec.site, 'radius_mm': round(spec.radius, 2),
@@ -495,8 +496,8 @@ def make_normal_subject(rng: np.random.Generator, spacing: float = 1.0,
   if layout not in grids:
     raise ValueError(f'unknown layout {layout!r}; expected one of {sorted(grids)}')
   grid = grids[layout](spacing)
-  sub = _draw_subject(rng, grid, ('t1',))
-  images, _ = _render_normal(sub, ('t1',), spacing)
+  sub = _draw_subject(rng, grid, ('t1',), spacing)
+  images = _render_normal(sub, ('t1',))
   return SyntheticSubject(images, grid.affine, info={'layout': layout})
 
 
