@@ -1,0 +1,164 @@
+"""The prep stage on a tiny synthetic cohort (2 mm): alignment, the way back, cohort runs."""
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from configs import demo
+from data_prep import prepare, readers, register, store, synthetic
+from data_prep.case import Case, ImageRef
+
+MODALITIES = ('t1', 't1ce', 't2', 'flair')
+
+
+def _dice(a, b):
+  a, b = np.asarray(a) > 0, np.asarray(b) > 0
+  return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def _case_from_folder(case_id, folder, group='HGG'):
+  images = {m: ImageRef(folder / f'{case_id}_{m}.nii.gz') for m in MODALITIES}
+  return Case(case_id, images, label=ImageRef(folder / f'{case_id}_seg.nii.gz'), group=group,
+              healthy_t1=ImageRef(folder / f'{case_id}_t1_healthy.nii.gz'))
+
+
+def _reoriented_copy(case, root, axcodes=('A', 'S', 'L')):
+  """The same subject stored in another voxel order (as some scanners write it)."""
+  case_id = case.case_id + 'R'
+  folder = root / 'HGG' / case_id
+  folder.mkdir(parents=True)
+  refs = dict(case.images, seg=case.label, t1_healthy=case.healthy_t1)
+  for name, ref in refs.items():
+    img = nib.load(ref.path)
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine),
+                                           nib.orientations.axcodes2ornt(axcodes))
+    nib.save(img.as_reoriented(ornt), folder / f'{case_id}_{name}.nii.gz')
+  return _case_from_folder(case_id, folder)
+
+
+@pytest.fixture(scope='module')
+def cohort(tmp_path_factory):
+  root = tmp_path_factory.mktemp('cohort')
+  info = synthetic.generate_cohort(root, 2, 0, seed=3, spacing=2.0, progress=False)
+  config = demo.get_config()
+  good = readers.find_cases(config, root / 'BraTS')
+  assert len(good) == 2
+  # Broken copies: a NaN in FLAIR, and a modality whose file is missing.
+  nan_case = _case_from_folder('BraTS19_SYN_NAN_1', root / 'bad_nan' / 'BraTS19_SYN_NAN_1')
+  folder = Path(nan_case.images['t1'].path).parent
+  folder.mkdir(parents=True)
+  for name, ref in dict(good[0].images, seg=good[0].label, t1_healthy=good[0].healthy_t1).items():
+    img = nib.load(ref.path)
+    data = np.asarray(img.dataobj).astype(np.float32)
+    if name == 'flair':
+      data[10, 10, 10] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), folder / f'BraTS19_SYN_NAN_1_{name}.nii.gz')
+  missing = dict(good[1].images, t2=ImageRef(root / 'nowhere' / 'BraTS19_SYN_MIS_1_t2.nii.gz'))
+  missing_case = Case('BraTS19_SYN_MIS_1', missing, label=good[1].label, group='HGG')
+  centres = {c['id']: c['centre_mm'] for c in info['tumor_cases']}
+  return root, config, good, [nan_case, missing_case], centres
+
+
+@pytest.fixture(scope='module')
+def prepared(cohort):
+  _, config, good, _, _ = cohort
+  return prepare.prepare_case(good[0], config)
+
+
+def test_crop_box_is_fixed_and_holds_the_brain():
+  config = demo.get_config()
+  _, mask = register.mni_template(config.prep.spacing)
+  view = sitk.GetArrayFromImage(mask)
+  box = prepare.crop_box(view, config.prep.crop_hw)
+  (z0, z1), (h0, h1), (w0, w1) = box
+  assert (h1 - h0, w1 - w0) == tuple(config.prep.crop_hw)
+  z_present = np.flatnonzero(view.any(axis=(1, 2)))
+  assert (z0, z1) == (z_present[0], z_present[-1] + 1)
+  # The demo crop (192 x 160 mm) holds the whole template brain.
+  assert register.crop_to_box(view, box).sum() == view.sum()
+  assert prepare.crop_box(view.copy(), config.prep.crop_hw) == box
+
+
+def test_prepare_case_aligns_to_the_template(cohort, prepared):
+  _, config, good, _, centres = cohort
+  pc = prepared
+  box = pc.meta['crop_box']
+  shape = tuple(b - a for a, b in box)
+  assert pc.images.shape == (4,) + shape and shape[1:] == tuple(config.prep.crop_hw)
+  assert pc.modalities == MODALITIES
+  assert pc.brain.shape == pc.label.shape == pc.healthy_t1.shape == shape
+  assert set(np.unique(pc.label)) <= {0, 1, 2, 4} and (pc.label > 0).any()
+  assert np.all(pc.images[:, ~pc.brain] == 0)
+  for image in pc.images:   # scaled by the 99.5th brain percentile
+    assert np.percentile(image[pc.brain], config.prep.scale_percentile) == pytest.approx(1.0)
+  # The T1 now looks like the template T1 voxel by voxel.
+  template, _, _ = prepare.mni_space(config)
+  template_crop = register.crop_to_box(sitk.GetArrayFromImage(template), box)
+  normal = pc.brain & (pc.label == 0)
+  assert np.corrcoef(template_crop[normal], pc.modality('t1')[normal])[0, 1] > 0.5
+  # The tumor sits where the generator put it in MNI mm (left/right, front/back, up/down).
+  grid = pc.meta['mni_grid']
+  zz, hh, ww = np.nonzero(pc.label > 0)
+  index = np.array([ww.mean() + box[2][0], hh.mean() + box[1][0], zz.mean() + box[0][0]])
+  centre_ras = np.array(grid['origin']) * [-1, -1, 1] + index * np.array(grid['spacing'])
+  assert np.linalg.norm(centre_ras - centres[good[0].case_id]) < 15.0
+  json.dumps(pc.meta)   # the meta is plain JSON
+  assert pc.meta['registration_metric'] < -0.2
+  assert set(pc.meta['seconds']) >= {'load', 'register', 'resample', 'total'}
+
+
+def test_to_native_lands_on_the_native_label(cohort, prepared, tmp_path):
+  _, config, good, _, _ = cohort
+  native = nib.load(good[0].label.path)
+  back = register.to_native(prepared.label > 0, prepared.meta, 'nearest')
+  assert back.shape == native.shape
+  assert _dice(back, np.asarray(native.dataobj)) >= 0.9
+  # A file stored in another voxel order gets its own order back, for its own affine.
+  copy = _reoriented_copy(good[0], tmp_path)
+  pc = prepare.prepare_case(copy, config)
+  native = nib.load(copy.label.path)
+  back = register.to_native(pc.label > 0, pc.meta, 'nearest')
+  assert back.shape == native.shape and back.shape != prepared.meta['native_shape']
+  assert _dice(back, np.asarray(native.dataobj)) >= 0.9
+  np.testing.assert_allclose(pc.meta['native_affine'], native.affine, atol=1e-5)
+  # Linear interpolation of a probability map, and the whole-grid input form.
+  full = register.paste_box(pc.label.astype(np.float32),
+                            [tuple(b) for b in pc.meta['crop_box']],
+                            tuple(reversed(pc.meta['mni_grid']['size'])))
+  soft = register.to_native((full > 0).astype(np.float32), pc.meta, 'linear')
+  assert soft.dtype == np.float32 and _dice(soft > 0.5, np.asarray(native.dataobj)) >= 0.9
+  with pytest.raises(ValueError, match='neither'):
+    register.to_native(np.zeros((3, 4, 5)), pc.meta)
+
+
+def test_prepare_cohort_skips_bad_cases_and_resumes(cohort, tmp_path):
+  root, config, good, bad, _ = cohort
+  out = tmp_path / 'prep'
+  cases = good + bad
+  summary = prepare.prepare_cohort(cases, config, out, num_workers=2, progress=False)
+  good_ids = sorted(c.case_id for c in good)
+  assert summary['prepared'] == good_ids and summary['reused'] == []
+  assert set(summary['skipped']) == {c.case_id for c in bad}
+  assert 'BraTS19_SYN_NAN_1_flair.nii.gz' in summary['skipped']['BraTS19_SYN_NAN_1']
+  assert 'BraTS19_SYN_MIS_1_t2.nii.gz' in summary['skipped']['BraTS19_SYN_MIS_1']
+  assert json.loads((out / prepare.SUMMARY_NAME).read_text())['prepared'] == good_ids
+  assert sorted(p.name for p in out.glob('*.npz')) == [f'{i}.npz' for i in good_ids]
+  # What was saved maps back onto the native label through its JSON alone.
+  loaded = store.load_prepared(out, good_ids[0])
+  native = nib.load(next(c for c in good if c.case_id == good_ids[0]).label.path)
+  assert _dice(register.to_native(loaded.label, loaded.meta), np.asarray(native.dataobj)) >= 0.9
+
+  # Resume: finished cases are reused untouched, only a removed one is redone.
+  stamp = (out / f'{good_ids[1]}.npz').stat().st_mtime_ns
+  (out / f'{good_ids[0]}.json').unlink()
+  again = prepare.prepare_cohort(cases, config, out, num_workers=1, progress=False)
+  assert again['prepared'] == [good_ids[0]] and again['reused'] == [good_ids[1]]
+  assert set(again['skipped']) == {c.case_id for c in bad}
+  assert (out / f'{good_ids[1]}.npz').stat().st_mtime_ns == stamp
+
+  # The prep folder may not be the folder of a user's input files.
+  with pytest.raises(ValueError, match='input file'):
+    prepare.prepare_cohort(good, config, Path(good[0].images['t1'].path).parent, progress=False)
