@@ -1,0 +1,107 @@
+"""Dice, cross-entropy and L_sim: hand-computed values, masking of tumor pixels, metrics."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clfc_jax import losses
+from clfc_jax.models.clfc import SimSiamHeads
+from configs.default import get_config
+
+LOG3 = float(np.log(3.0))
+
+
+def four_pixels():
+  """Foreground probabilities 0.75, 0.25, 0.5, 0.75 and labels 1, 0, 1, 0."""
+  logits = jnp.array([[0.0, LOG3], [0.0, -LOG3], [0.0, 0.0], [0.0, LOG3]]).reshape(1, 2, 2, 2)
+  label = jnp.array([1, 0, 1, 0], jnp.int32).reshape(1, 2, 2)
+  return logits, label
+
+
+def test_dice_loss_hand_computed():
+  logits, label = four_pixels()
+  s = 1e-5
+  # Σpy = 0.75 + 0.5, Σp = 2.25, Σy = 2.
+  expected = 1.0 - (2.0 * 1.25 + s) / (2.25 + 2.0 + s)
+  assert float(losses.dice_loss(logits, label, s)) == pytest.approx(expected, rel=1e-6)
+  # Pooled over the batch: two copies give the same value, not a mean of per-image values.
+  both = losses.dice_loss(jnp.concatenate([logits] * 2), jnp.concatenate([label] * 2), 0.0)
+  assert float(both) == pytest.approx(1.0 - 2.5 / 4.25, rel=1e-6)
+
+
+def test_cross_entropy_hand_computed():
+  logits, label = four_pixels()
+  expected = -(np.log(0.75) + np.log(0.75) + np.log(0.5) + np.log(0.25)) / 4
+  assert float(losses.cross_entropy(logits, label)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_negative_cosine_values_and_stop_gradient():
+  p = jnp.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+  z = jnp.array([[0.0, 3.0], [2.0, 2.0], [1.0, 0.0]])
+  np.testing.assert_allclose(losses.negative_cosine(p, z), [0.0, -1.0, 0.0], atol=1e-6)
+  grad_z = jax.grad(lambda z: jnp.sum(losses.negative_cosine(p, z)))(z)
+  assert not np.any(grad_z)
+  grad_p = jax.grad(lambda p: jnp.sum(losses.negative_cosine(p, z)))(p)
+  assert np.all(np.isfinite(grad_p)) and np.any(grad_p)
+
+
+@pytest.fixture(scope='module')
+def level_features():
+  zeta = jax.random.normal(jax.random.key(0), (2, 6, 5, 8))
+  g = jax.random.normal(jax.random.key(1), (2, 6, 5, 8))
+  normal = np.ones((2, 6, 5), bool)
+  normal[0, 1:4, 1:3] = False
+  normal[1, 2:5, 0:4] = False
+  return zeta, g, jnp.asarray(normal)
+
+
+def run_heads(mode, zeta, g, normal):
+  heads = SimSiamHeads(dim=16, hidden=8, mask_mode=mode)
+  variables = heads.init(jax.random.key(3), zeta, g, normal)
+  out, new_vars = heads.apply(variables, zeta, g, normal, mutable=['batch_stats'])
+  return out, new_vars, losses.simsiam_level_loss(out, mode)
+
+
+@pytest.mark.parametrize('mode', ['normal_only', 'zero_tumor'])
+def test_sim_loss_ignores_tumor_pixels(level_features, mode):
+  zeta, g, normal = level_features
+  tumor = ~normal[..., None]
+  zeta2 = jnp.where(tumor, 100.0 * jax.random.normal(jax.random.key(4), zeta.shape), zeta)
+  g2 = jnp.where(tumor, -50.0, g)
+  out, stats, loss = run_heads(mode, zeta, g, normal)
+  out2, stats2, loss2 = run_heads(mode, zeta2, g2, normal)
+  assert float(loss) == pytest.approx(float(loss2), rel=1e-6, abs=1e-7)
+  rows = np.asarray(normal).reshape(-1)
+  for key in ('p_t', 'p_r', 'z_t', 'z_r'):
+    np.testing.assert_allclose(out[key][rows], out2[key][rows], atol=1e-5)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats2)):
+    np.testing.assert_allclose(a, b, atol=1e-5)   # BatchNorm statistics ignore tumor too.
+
+
+def test_normal_only_averages_over_normal_region(level_features):
+  zeta, g, normal = level_features
+  out, _, loss = run_heads('normal_only', zeta, g, normal)
+  d = 0.5 * (losses.negative_cosine(out['p_t'], out['z_r']) +
+             losses.negative_cosine(out['p_r'], out['z_t']))
+  rows = np.asarray(normal).reshape(-1)
+  assert float(loss) == pytest.approx(float(jnp.mean(d[rows])), rel=1e-5)
+  assert float(loss) != pytest.approx(float(jnp.mean(d)), rel=1e-3)
+
+
+def test_segmentation_loss_sums_its_terms(level_features):
+  zeta, g, normal = level_features
+  heads, _, level_loss = run_heads('normal_only', zeta, g, normal)
+  logits, label = four_pixels()
+  config = get_config()
+  config.loss.ce_weight = 0.5
+  config.loss.sim_weight = 2.0
+  outputs = {'logits': logits, 'levels': [], 'simsiam': [heads, heads]}
+  loss, metrics = losses.segmentation_loss(outputs, label, config)
+  assert set(metrics) == {'loss', 'dice_loss', 'ce', 'sim', 'sim_l0', 'sim_l1'}
+  expected = metrics['dice_loss'] + 0.5 * metrics['ce'] + 2.0 * 2 * level_loss
+  assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+  assert float(metrics['loss']) == float(loss)
+  # Without SimSiam outputs (baseline1/2, unet) L_sim is zero.
+  loss_plain, metrics_plain = losses.segmentation_loss({'logits': logits}, label, config)
+  assert float(metrics_plain['sim']) == 0.0
+  assert float(loss_plain) == pytest.approx(float(metrics['dice_loss'] + 0.5 * metrics['ce']))
