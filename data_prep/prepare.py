@@ -9,6 +9,7 @@ is done), one broken case never costs the others (it is listed with its reason).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import multiprocessing
@@ -46,19 +47,36 @@ def crop_box(template_mask: np.ndarray, crop_hw) -> tuple:
   return tuple(box)
 
 
+@dataclasses.dataclass(frozen=True)
+class MniSpace:
+  template: sitk.Image        # T1 template on the prep grid (prep.spacing)
+  box: tuple                  # crop box on that grid, [Z, H, W] index ranges
+  crop_grid: sitk.Image       # the box as a grid: resampling target of every volume
+  dilated_brain: np.ndarray   # bool [Z, H, W] in the box: template brain, dilated
+  reg_template: sitk.Image    # fixed image of the registration (prep.reg.spacing)
+  reg_mask: sitk.Image        # its metric mask (dilated brain)
+
+
 @functools.lru_cache(maxsize=8)
-def _mni_space(spacing: float, mask_threshold: float, dilation_mm: float, crop_hw: tuple):
-  """Template, registration mask (dilated brain) and crop box for one prep config."""
+def _mni_space(spacing: float, mask_threshold: float, dilation_mm: float, crop_hw: tuple,
+               reg_spacing: float):
+  """Everything about the MNI side that one prep config fixes, built once per process."""
   template, mask = register.mni_template(spacing, mask_threshold)
-  dilated = register.dilate_mask(mask, dilation_mm)
   box = crop_box(sitk.GetArrayViewFromImage(mask), crop_hw)
-  return template, dilated, box
+  brain = register.crop_to_box(
+      sitk.GetArrayFromImage(register.dilate_mask(mask, dilation_mm)).astype(bool), box)
+  # The registration's fixed side, at its own (coarser) spacing.
+  reg_template, reg_mask = register.mni_template(reg_spacing or spacing, mask_threshold)
+  return MniSpace(template=template, box=box, crop_grid=register.box_grid(template, box),
+                  dilated_brain=brain, reg_template=reg_template,
+                  reg_mask=register.dilate_mask(reg_mask, dilation_mm))
 
 
-def mni_space(config):
+def mni_space(config) -> MniSpace:
   p = config.prep
   return _mni_space(float(p.spacing), float(p.template_mask_threshold),
-                    float(p.mask_dilation_mm), tuple(int(v) for v in p.crop_hw))
+                    float(p.mask_dilation_mm), tuple(int(v) for v in p.crop_hw),
+                    float(p.reg.spacing))
 
 
 # --- one case --------------------------------------------------------------------------------
@@ -93,7 +111,7 @@ def prepare_loaded(loaded: LoadedCase, config, *, seconds: Optional[dict] = None
   seconds = {} if seconds is None else seconds
   case = loaded.case
   p = config.prep
-  template, reg_mask, box = mni_space(config)
+  space = mni_space(config)
   reg_name = registration_modality(case, config)
   where = case.images[reg_name].path
 
@@ -101,16 +119,16 @@ def prepare_loaded(loaded: LoadedCase, config, *, seconds: Optional[dict] = None
   register.check_geometry(where, loaded.affine)
   moving = register.to_sitk(loaded.images[reg_name], loaded.affine)
   try:
-    transform = register.register_affine(moving, template, p.reg, fixed_mask=reg_mask)
-    metric = register.metric_value(moving, template, transform, p.reg, fixed_mask=reg_mask)
+    transform, metric = register.register_affine_with_metric(
+        moving, space.reg_template, p.reg, fixed_mask=space.reg_mask)
   except RuntimeError as e:  # ITK: e.g. too few samples inside the mask after a bad start.
     raise CaseError(where, f'registration to MNI152 failed: {str(e).strip().splitlines()[-1]}')
   seconds['register'] = time.perf_counter() - tick
 
   tick = time.perf_counter()
-  def pull(array, interp):
-    image = register.resample(register.to_sitk(array, loaded.affine), template, transform, interp)
-    return sitk.GetArrayFromImage(image)   # [Z, H, W]
+  def pull(array, interp):  # straight onto the crop box: [Z, H, W]
+    image = register.to_sitk(array, loaded.affine)
+    return sitk.GetArrayFromImage(register.resample(image, space.crop_grid, transform, interp))
 
   modalities = list(loaded.images)
   images = np.stack([pull(loaded.images[m], 'linear') for m in modalities])
@@ -119,25 +137,22 @@ def prepare_loaded(loaded: LoadedCase, config, *, seconds: Optional[dict] = None
 
   # Dilated template brain AND signal: skull-stripped inputs keep their own edge, unstripped
   # ones lose the skull. Labelled voxels are brain (tumor tissue) even past the template.
-  brain = sitk.GetArrayFromImage(reg_mask).astype(bool) & (images > 0).any(axis=0)
+  brain = space.dilated_brain & (images > 0).any(axis=0)
   if label is not None:
     brain |= label > 0
-  images = register.crop_to_box(images * brain, box)
-  brain_c = register.crop_to_box(brain, box)
-  if not brain_c.any():
+  if not brain.any():
     raise CaseError(where, 'no brain voxel inside the MNI crop after registration')
+  images *= brain
   scales = {}
   for i, m in enumerate(modalities):
-    scales[m] = _brain_percentile(images[i], brain_c, p.scale_percentile)
+    scales[m] = _brain_percentile(images[i], brain, p.scale_percentile)
     if not scales[m] > 0:
       raise CaseError(case.images[m].path, 'no positive intensity inside the brain after '
                       'MNI alignment (blank modality or failed registration)')
     images[i] /= scales[m]
   if healthy is not None:
-    healthy = register.crop_to_box(healthy * brain, box)
-    healthy /= max(_brain_percentile(healthy, brain_c, p.scale_percentile), 1e-12)
-  if label is not None:
-    label = register.crop_to_box(label, box)
+    healthy *= brain
+    healthy /= max(_brain_percentile(healthy, brain, p.scale_percentile), 1e-12)
   seconds['resample'] = time.perf_counter() - tick
 
   meta = {
@@ -148,14 +163,14 @@ def prepare_loaded(loaded: LoadedCase, config, *, seconds: Optional[dict] = None
       'native_shape': [int(n) for n in loaded.native.shape],
       'native_affine': np.asarray(loaded.native.affine).tolist(),
       'canonical_affine': np.asarray(loaded.affine).tolist(),
-      'mni_grid': register.grid_meta(template),
-      'crop_box': [list(b) for b in box],
+      'mni_grid': register.grid_meta(space.template),
+      'crop_box': [list(b) for b in space.box],
       'transform': register.transform_to_meta(transform),
       'registration_metric': metric,
       'scale': scales,
   }
   return store.PreparedCase(case_id=case.case_id, images=images.astype(np.float32),
-                            brain=brain_c, label=label, meta=meta,
+                            brain=brain, label=label, meta=meta,
                             healthy_t1=None if healthy is None else healthy.astype(np.float32))
 
 

@@ -145,8 +145,15 @@ def register_affine(moving: sitk.Image, fixed: sitk.Image, reg_cfg, *,
   """Mattes-MI affine registration, multi-resolution, seeded: fixed point -> moving point.
 
   Both images are first brought to `reg_cfg.spacing` mm (registration at a coarser grid is
-  enough for an affine and keeps a 1 mm case within seconds).
+  enough for an affine and keeps a 1 mm case within seconds); pass a fixed image already at
+  that spacing to skip its resampling.
   """
+  return register_affine_with_metric(moving, fixed, reg_cfg, fixed_mask=fixed_mask)[0]
+
+
+def register_affine_with_metric(moving: sitk.Image, fixed: sitk.Image, reg_cfg, *,
+                                fixed_mask: sitk.Image | None = None):
+  """`register_affine` plus the final Mattes MI (negative: lower is a better match)."""
   fixed_r = _at_spacing(sitk.Cast(fixed, sitk.sitkFloat32), float(reg_cfg.spacing))
   moving_r = _at_spacing(sitk.Cast(moving, sitk.sitkFloat32), float(reg_cfg.spacing))
   if fixed_mask is not None and fixed_mask.GetSize() != fixed_r.GetSize():
@@ -171,20 +178,7 @@ def register_affine(moving: sitk.Image, fixed: sitk.Image, reg_cfg, *,
   result = method.Execute(fixed_r, moving_r)
   if isinstance(result, sitk.CompositeTransform):
     result = result.GetNthTransform(result.GetNumberOfTransforms() - 1)
-  return sitk.AffineTransform(result)
-
-
-def metric_value(moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform, reg_cfg, *,
-                 fixed_mask: sitk.Image | None = None) -> float:
-  """Mattes MI (negative: lower is better) of the aligned pair at the registration spacing."""
-  fixed_r = _at_spacing(sitk.Cast(fixed, sitk.sitkFloat32), float(reg_cfg.spacing))
-  moving_r = _at_spacing(sitk.Cast(moving, sitk.sitkFloat32), float(reg_cfg.spacing))
-  if fixed_mask is not None and fixed_mask.GetSize() != fixed_r.GetSize():
-    fixed_mask = sitk.Resample(fixed_mask, fixed_r, sitk.Transform(), sitk.sitkNearestNeighbor,
-                               0, sitk.sitkUInt8)
-  method = _registration_method(reg_cfg, fixed_mask)
-  method.SetInitialTransform(sitk.AffineTransform(transform))
-  return float(method.MetricEvaluate(fixed_r, moving_r))
+  return sitk.AffineTransform(result), float(method.GetMetricValue())
 
 
 def resample(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform,
@@ -234,6 +228,20 @@ def paste_box(cropped: np.ndarray, box, grid_shape) -> np.ndarray:
   src = tuple(slice(max(0, -a), max(0, -a) + (d.stop - d.start)) for (a, _), d in zip(box, dst))
   full[dst] = cropped[src]
   return full
+
+
+def box_grid(grid: sitk.Image, box, pixel=sitk.sitkFloat32) -> sitk.Image:
+  """The sub-grid of `grid` that `box` ((z0, z1), (h0, h1), (w0, w1)) covers, past edges too.
+
+  Resampling straight onto it equals resampling onto `grid` then `crop_to_box`, at a fraction
+  of the cost.
+  """
+  (z0, z1), (h0, h1), (w0, w1) = box
+  image = sitk.Image([int(w1 - w0), int(h1 - h0), int(z1 - z0)], pixel)
+  image.SetSpacing(grid.GetSpacing())
+  image.SetDirection(grid.GetDirection())
+  image.SetOrigin(grid.TransformContinuousIndexToPhysicalPoint([float(w0), float(h0), float(z0)]))
+  return image
 
 
 # --- back to the native file -----------------------------------------------------------------

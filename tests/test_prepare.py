@@ -95,7 +95,7 @@ def test_prepare_case_aligns_to_the_template(cohort, prepared):
   for image in pc.images:   # scaled by the 99.5th brain percentile
     assert np.percentile(image[pc.brain], config.prep.scale_percentile) == pytest.approx(1.0)
   # The T1 now looks like the template T1 voxel by voxel.
-  template, _, _ = prepare.mni_space(config)
+  template = prepare.mni_space(config).template
   template_crop = register.crop_to_box(sitk.GetArrayFromImage(template), box)
   normal = pc.brain & (pc.label == 0)
   assert np.corrcoef(template_crop[normal], pc.modality('t1')[normal])[0, 1] > 0.5
