@@ -27,7 +27,6 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
-from scipy import special
 
 MODALITIES = ('t1', 't1ce', 't2', 'flair')
 LABEL_NECROSIS, LABEL_EDEMA, LABEL_ENHANCING = 1, 2, 4
@@ -68,10 +67,18 @@ SCANNER_SCALE = (300.0, 3000.0)
 
 HGG_FRACTION = 0.75
 HARD_FRACTION = 0.3           # small tumors near the cortex or the ventricles.
-LARGE_RADIUS_MM = (12.0, 32.0)
+LARGE_RADIUS_MM = (12.0, 28.0)
 SMALL_RADIUS_MM = (4.0, 9.0)
 MASS_EFFECT = (0.15, 0.5)     # radial compression at the centre, small -> large tumors.
+AXIS_FACTORS = (0.75, 1.3)    # ellipsoid semi-axes relative to the radius.
+ROUGHNESS = (0.12, 0.3)       # log-amplitude of the lobulation.
+CORE_FRACTION = (0.5, 0.8)    # core radius / envelope radius.
+NECROSIS_FRACTION = (0.45, 0.75)  # necrosis radius / core radius.
+HGG_NECROSIS_SHARE = 0.7      # HGG: edema + enhancing rim + necrosis, else edema + enhancing.
+LGG_CORE_SHARE = 0.75         # LGG: edema + non-enhancing core, else edema only.
 TISSUE_BRAIN_THRESHOLD = 0.5  # GM+WM+CSF above this is brain.
+MIN_TUMOR_VOXELS = 8
+MAX_TUMOR_DRAWS = 20
 
 
 @dataclasses.dataclass
@@ -127,8 +134,11 @@ def _tumor_sites():
   depth = ndi.distance_transform_edt(brain) * step
   ijk = np.indices(brain.shape).reshape(3, -1) * step
   mm = (m['affine'][:3, :3] @ ijk + m['affine'][:3, 3:4]).T.reshape(brain.shape + (3,))
-  supratentorial = mm[..., 2] > -10.0
-  ventricles = (csf > 0.6) & (depth > 20.0)
+  x, y, z = mm[..., 0], mm[..., 1], mm[..., 2]
+  supratentorial = z > -10.0
+  # Lateral ventricles: deep CSF within their MNI bounding box (not the interhemispheric fissure).
+  ventricles = ((csf > 0.6) & (depth > 20.0) & (np.abs(x) > 2) & (np.abs(x) < 30) &
+                (y > -45) & (y < 30) & (z > -5) & (z < 32))
   near_ventricles = ndi.distance_transform_edt(~ventricles) * step
   sites = {
       'deep': (wm > 0.5) & (depth > 20.0) & supratentorial,
@@ -351,19 +361,19 @@ def _draw_tumor(rng, sub: _Subject) -> _TumorSpec:
   mni = candidates[rng.integers(len(candidates))] + rng.uniform(-2.0, 2.0, 3)
   centre = (np.linalg.inv(sub.world_to_mni) @ np.append(mni, 1.0))[:3]
   q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
-  axes = q @ np.diag(1.0 / rng.uniform(0.75, 1.3, 3))
+  axes = q @ np.diag(1.0 / rng.uniform(*AXIS_FACTORS, 3))
   group = 'HGG' if rng.uniform() < HGG_FRACTION else 'LGG'
   u = rng.uniform()
   if group == 'HGG':
-    labels = (LABEL_EDEMA, LABEL_ENHANCING, LABEL_NECROSIS) if u < 0.7 else (
+    labels = (LABEL_EDEMA, LABEL_ENHANCING, LABEL_NECROSIS) if u < HGG_NECROSIS_SHARE else (
         LABEL_EDEMA, LABEL_ENHANCING)
   else:
-    labels = (LABEL_EDEMA, LABEL_NECROSIS) if u < 0.75 else (LABEL_EDEMA,)
+    labels = (LABEL_EDEMA, LABEL_NECROSIS) if u < LGG_CORE_SHARE else (LABEL_EDEMA,)
   size = (radius - SMALL_RADIUS_MM[0]) / (LARGE_RADIUS_MM[1] - SMALL_RADIUS_MM[0])
   mass = MASS_EFFECT[0] + (MASS_EFFECT[1] - MASS_EFFECT[0]) * float(np.clip(size, 0, 1))
-  return _TumorSpec(centre, float(radius), axes, float(rng.uniform(0.12, 0.3)),
-                    float(rng.uniform(0.4, 0.7)), float(rng.uniform(0.35, 0.65)), labels,
-                    mass, group, str(site))
+  return _TumorSpec(centre, float(radius), axes, float(rng.uniform(*ROUGHNESS)),
+                    float(rng.uniform(*CORE_FRACTION)), float(rng.uniform(*NECROSIS_FRACTION)),
+                    labels, mass, group, str(site))
 
 
 def _tumor_region(sub: _Subject, spec: _TumorSpec):
@@ -394,17 +404,21 @@ def _push(world, deformed, spec: _TumorSpec):
 
 
 def _tumor_distance(rng, world, spec: _TumorSpec, voxel):
-  """Irregular normalised distance from the tumor centre (< 1 inside the edema envelope)."""
+  """Irregular normalised distance from the tumor centre (< 1 inside the edema envelope).
+
+  A lobulated, star-shaped lesion: the ellipsoidal radius scaled by exp(smooth noise), so
+  every sub-region contains the centre. The noise is clipped (exp(-0.45) at roughness 0.3)
+  so that the lesion stays within 2.1 R, inside its mass-effect reach (2 R + 10 mm).
+  """
   c = spec.centre.astype(np.float32).reshape((3,) + (1,) * (world.ndim - 1))
   local = np.tensordot(spec.axes.T.astype(np.float32), world - c, axes=1)
   r = np.sqrt((local ** 2).sum(0)) / np.float32(spec.radius)
   cell = max(2.0, spec.radius / 2.5)
   shape = world.shape[1:]
-  # Clipped at 2 std so that the lesion stays within its mass-effect reach (2 R + 10 mm).
-  rough = np.clip(_smooth_field(rng, shape, voxel, cell), -2, 2) * np.float32(spec.roughness)
+  rough = np.clip(_smooth_field(rng, shape, voxel, cell), -1.5, 1.5) * np.float32(spec.roughness)
   core_rough = _smooth_field(rng, shape, voxel, cell) * np.float32(spec.roughness / 2)
   texture = _smooth_field(rng, shape, voxel, max(2.0, spec.radius / 4))
-  return r + rough, r + rough + core_rough, texture
+  return r * np.exp(rough), r * np.exp(rough + core_rough), texture
 
 
 def _nested_labels(masks, labels, brain):
@@ -433,9 +447,10 @@ def _render_tumor(rng, sub: _Subject, spec: _TumorSpec, images):
   region_brain = tissues.sum(0) > TISSUE_BRAIN_THRESHOLD
 
   d_outer, d_inner, texture = _tumor_distance(rng, world, spec, voxel)
-  # Soft memberships (partial volume over about one voxel); hard labels at 0.5.
-  width = np.float32(0.5 * voxel.mean() / spec.radius)
-  soft = lambda d, level: special.expit((np.float32(level) - d) / width)
+  # Partial volume: memberships ramp linearly over about one voxel (hard labels at 0.5) and
+  # are exactly 0 beyond it, so healthy tissue is untouched.
+  width = np.float32(voxel.mean() / spec.radius)
+  soft = lambda d, level: np.clip((np.float32(level) - d) / width + 0.5, 0.0, 1.0)
   levels = [1.0, spec.core_fraction, spec.core_fraction * spec.necrosis_fraction]
   weights = [soft(d_outer, levels[0])] + [soft(d_inner, lv) for lv in levels[1:len(spec.labels)]]
   inside = region_brain.astype(np.float32)
@@ -475,14 +490,22 @@ def make_tumor_subject(rng: np.random.Generator, spacing: float = 1.0) -> Synthe
   """A BraTS-like tumor subject: t1, t1ce, t2, flair, BraTS labels and the healthy T1."""
   grid = brats_grid(spacing)
   sub = _draw_subject(rng, grid, MODALITIES, spacing)
-  spec = _draw_tumor(rng, sub)
-  images = _render_normal(sub, MODALITIES)
-  healthy_t1 = images['t1'].copy()
-  label = _render_tumor(rng, sub, spec, images)
+  healthy = _render_normal(sub, MODALITIES)
+  for _ in range(MAX_TUMOR_DRAWS):
+    # A lesion centred at the brain's edge can end up (almost) outside it: draw again.
+    spec = _draw_tumor(rng, sub)
+    images = {m: a.copy() for m, a in healthy.items()}
+    label = _render_tumor(rng, sub, spec, images)
+    if (label > 0).sum() >= MIN_TUMOR_VOXELS:
+      break
+  else:
+    raise RuntimeError(f'no tumor fitted inside the brain in {MAX_TUMOR_DRAWS} draws')
+  healthy_t1 = healthy['t1']
+  present = tuple(int(v) for v in spec.labels if np.any(label == v))
   voxel_ml = float(np.prod(np.sqrt((grid.affine[:3, :3] ** 2).sum(0)))) / 1000.0
   volumes = {str(k): float((label == k).sum() * voxel_ml) for k in (1, 2, 4)}
   info = {'group': spec.group, 'site': spec.site, 'radius_mm': round(spec.radius, 2),
-          'labels': list(spec.labels), 'centre_mm': [round(float(v), 2) for v in spec.centre],
+          'labels': list(present), 'centre_mm': [round(float(v), 2) for v in spec.centre],
           'mass_effect': round(spec.mass_effect, 3),
           'mass_reach_mm': round(_mass_reach(spec), 2), 'volume_ml': volumes,
           'whole_tumor_ml': float(sum(volumes.values()))}
