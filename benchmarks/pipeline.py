@@ -59,6 +59,16 @@ def toy_prepared_cohort(prep_dir, *, num_cases=8, num_normal=0, z=12, hw=(32, 32
   return ids
 
 
+def write_toy_pseudo_normals(prep_dir, out_dir, ids):
+  """Stand-in pseudo-normal T1s (the case's T1 rescaled to [-1, 1]) in the stage's format."""
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  for cid in ids:
+    pc = store.load_prepared(Path(prep_dir) / 'cases', cid)
+    t1 = pc.images[0]
+    np.savez(out_dir / f'{cid}.npz', t1=(2 * t1 / max(t1.max(), 1e-6) - 1).astype(np.float32))
+
+
 def measure(config, data_dir, seconds: float, fold: int = 0) -> dict:
   """Slices/s of train_iterator (after a warm-up batch), single process."""
   from clfc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -84,11 +94,13 @@ def run(sizes=('demo', 'full'), seconds: float = 20.0, num_cases: int = 6, z: in
     config.train.batch_size = 4   # the paper's batch: the train step's demand per step.
     with tempfile.TemporaryDirectory() as tmp:
       work = Path(tmp)
-      toy_prepared_cohort(work / 'prep', num_cases=num_cases, z=z, hw=tuple(config.prep.crop_hw),
-                          modalities=tuple(config.dataset.modalities))
+      ids = toy_prepared_cohort(work / 'prep', num_cases=num_cases, z=z,
+                                hw=tuple(config.prep.crop_hw),
+                                modalities=tuple(config.dataset.modalities))
+      write_toy_pseudo_normals(work / 'prep', work / 'pseudo_normal', ids)
       start = time.perf_counter()
       tfds_builders.build(tfds_builders.tumor_slices_builder(
-          config, work / 'tfds', 0, with_pseudo_normal=False))
+          config, work / 'tfds', 0, with_pseudo_normal=True))
       build_s = time.perf_counter() - start
       row = {'size': size, 'crop_hw': list(config.prep.crop_hw), 'k': int(config.data.k),
              'channels': len(config.dataset.modalities) * (2 * config.data.k + 1),

@@ -133,10 +133,15 @@ def augment_example(ex, seed, aug):
 
   dense = [ex['image']] + ([ex['normal']] if 'normal' in ex else [])
   masks = tf.stack([tf.cast(ex['label'], tf.float32), tf.cast(ex['brain'], tf.float32)], -1)
+
+  def when(condition, fn, args):
+    """fn(args) if condition else args; tf.cond keeps skipped ops off the CPU."""
+    return tf.cond(condition, lambda: fn(args), lambda: args)
+
   for i, axis in enumerate((0, 1)):
-    flip = uniform(i) < aug.flip_prob
-    dense = [tf.where(flip, tf.reverse(x, [axis]), x) for x in dense]
-    masks = tf.where(flip, tf.reverse(masks, [axis]), masks)
+    dense, masks = when(uniform(i) < aug.flip_prob,
+                        lambda a, ax=axis: ([tf.reverse(x, [ax]) for x in a[0]],
+                                            tf.reverse(a[1], [ax])), (dense, masks))
 
   max_rad = aug.rotate_deg * math.pi / 180.0
   angle = tf.where(uniform(2) < aug.rotate_prob, uniform(3, -max_rad, max_rad), 0.0)
@@ -144,27 +149,26 @@ def augment_example(ex, seed, aug):
                    uniform(5, aug.scale_range[0], aug.scale_range[1]), 1.0)
   h, w = masks.shape[0], masks.shape[1]
 
-  def warp_all():
+  def warp_all(args):
     # Pixels rotated in from outside take the corner (background) value of each channel:
     # 0 for matched images, the background of the pseudo-normal's own range.
     t = _affine_transform(angle, scale, h, w)
-    warped = [_warp(x - x[:1, :1], t, 'BILINEAR', 0.0) + x[:1, :1] for x in dense]
-    return warped, _warp(masks, t, 'NEAREST', 0.0)
+    warped = [_warp(x - x[:1, :1], t, 'BILINEAR', 0.0) + x[:1, :1] for x in args[0]]
+    return warped, _warp(args[1], t, 'NEAREST', 0.0)
 
-  dense, masks = tf.cond(tf.logical_or(angle != 0.0, scale != 1.0), warp_all,
-                         lambda: (dense, masks))
+  dense, masks = when(tf.logical_or(angle != 0.0, scale != 1.0), warp_all, (dense, masks))
 
-  gain = tf.where(uniform(6) < aug.intensity_prob,
-                  uniform(7, 1.0 - aug.intensity_scale, 1.0 + aug.intensity_scale), 1.0)
-  shift = tf.where(uniform(6) < aug.intensity_prob,
-                   uniform(8, -aug.intensity_shift, aug.intensity_shift), 0.0)
-  dense = [x * gain + shift for x in dense]
-  do_gamma = uniform(9) < aug.gamma_prob
+  gain = uniform(7, 1.0 - aug.intensity_scale, 1.0 + aug.intensity_scale)
+  shift = uniform(8, -aug.intensity_shift, aug.intensity_shift)
+  dense = when(uniform(6) < aug.intensity_prob, lambda a: [x * gain + shift for x in a], dense)
   gamma = uniform(10, aug.gamma_range[0], aug.gamma_range[1])
-  dense = [tf.where(do_gamma, _gamma(x, gamma), x) for x in dense]
-  noise_std = tf.where(uniform(11) < aug.noise_prob, aug.noise_std, 0.0)
-  dense = [x + noise_std * tf.random.stateless_normal(tf.shape(x), seeds[12 + j])
-           for j, x in enumerate(dense)]
+  dense = when(uniform(9) < aug.gamma_prob, lambda a: [_gamma(x, gamma) for x in a], dense)
+
+  def add_noise(a):
+    return [x + aug.noise_std * tf.random.stateless_normal(tf.shape(x), seeds[12 + j])
+            for j, x in enumerate(a)]
+
+  dense = when(uniform(11) < aug.noise_prob, add_noise, dense)
 
   out = dict(ex)
   out['image'] = dense[0]

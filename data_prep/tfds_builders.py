@@ -36,7 +36,8 @@ cohort folder as the manual dir (`download_config=tfds.download.DownloadConfig(m
                   ([HGG|LGG]/<ID>/<ID>_{t1,t1ce,t2,flair,seg}.nii.gz; registration required
                   at https://www.med.upenn.edu/cbica/brats2019/), or MSD Task01_BrainTumour
                   (imagesTr/, labelsTr/; http://medicaldecathlon.com).
-  NormalT1Slices: IXI T1 images (IXI<nnn>-<site>-<nnnn>-T1.nii.gz, https://brain-development.org/ixi-dataset/).
+  NormalT1Slices: IXI T1 images (IXI<nnn>-<site>-<nnnn>-T1.nii.gz,
+                  https://brain-development.org/ixi-dataset/).
 """
 
 

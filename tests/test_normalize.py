@@ -16,8 +16,8 @@ def _case(case_id, seed, gain=1.0, modalities=('t1', 'flair')):
   images = ndimage.gaussian_filter(rng.gamma(2.0, 1.0, (len(modalities), z, h, w)), (0, 1, 1, 1))
   images = gain * (images * (1 + seed % 3)) * brain
   meta = {'modalities': list(modalities), 'group': 'HGG'}
-  return store.PreparedCase(case_id, images.astype(np.float32), brain, np.zeros((z, h, w), np.uint8),
-                            meta)
+  return store.PreparedCase(case_id, images.astype(np.float32), brain,
+                            np.zeros((z, h, w), np.uint8), meta)
 
 
 def test_matched_training_landmarks_land_on_standard_scale():
