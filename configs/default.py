@@ -68,6 +68,7 @@ def get_config():
   dd.min_brain_fraction = 0.01    # slices with less brain than this are not written to shards.
   dd.tumor_free_margin = 3        # slices: normal-T1 fallback keeps slices this far from tumor.
   dd.shuffle_buffer = 2048
+  dd.interleave_cycle_length = 4  # shard files the training pipeline reads in parallel.
   dd.augment = a = ml_collections.ConfigDict()
   a.enabled = True
   a.flip_prob = 0.5          # per in-plane axis.
