@@ -30,7 +30,6 @@ import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 from data_prep import tfds_builders  # pylint: disable=g-import-not-at-top
 
 _ENCODED = ('image', 'normal', 'label', 'brain')   # decoded after shuffling (small buffers).
-_TRAIN_CYCLE_LENGTH = 4
 
 
 def _processes(process_index, process_count):
@@ -85,13 +84,14 @@ def _decode_fn(features, use_normal):
   return decode
 
 
-def _read(builder, split, *, shuffle_files, seed=None, cycle_length=1):
+def _read(builder, split, *, shuffle_files, seed=None, cycle_length=1, encoded=_ENCODED):
+  """Reads a split; the `encoded` features stay serialized until _decode_fn (after shuffling)."""
   # Shards are written in order (for evaluation); training reads them shuffled on purpose.
   read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=cycle_length,
                                 enable_ordering_guard=not shuffle_files)
   return builder.as_dataset(
       split=split, shuffle_files=shuffle_files, read_config=read_config,
-      decoders={k: tfds.decode.SkipDecoding() for k in _ENCODED})
+      decoders={k: tfds.decode.SkipDecoding() for k in encoded})
 
 
 # --- augmentation ------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def augment_example(ex, seed, aug):
 def _stream(builder, split, use_normal, config, *, seed, stream_id, tumor_only, batch):
   d = config.data
   ds = _read(builder, split, shuffle_files=True, seed=seed + 7919 * stream_id,
-             cycle_length=_TRAIN_CYCLE_LENGTH)
+             cycle_length=d.interleave_cycle_length)
   if tumor_only:
     ds = ds.filter(lambda ex: ex['has_tumor'])
   ds = ds.repeat().shuffle(d.shuffle_buffer, seed=seed + 7919 * stream_id)
@@ -293,11 +293,8 @@ def normal_t1_iterator(config, data_dir, batch_size, seed, *, fold=0, process_in
     raise FileNotFoundError(f'{builder.data_dir}: normal T1 slices not built yet')
   features = builder.info.features
   seed = int(seed) * 1009 + process_index
-  ds = builder.as_dataset(
-      split=_process_split('train', process_index, process_count), shuffle_files=True,
-      read_config=tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=_TRAIN_CYCLE_LENGTH,
-                                  enable_ordering_guard=False),
-      decoders={'image': tfds.decode.SkipDecoding()})
+  ds = _read(builder, _process_split('train', process_index, process_count), shuffle_files=True,
+             seed=seed, cycle_length=config.data.interleave_cycle_length, encoded=('image',))
   ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=seed)
   ds = ds.map(lambda ex: {'image': tf.cast(features['image'].decode_example(ex['image']),
                                            tf.float32)},
