@@ -41,7 +41,7 @@ TISSUE_CONTRAST = {
 # Tumor appearance per modality: label -> relative intensity.
 TUMOR_CONTRAST = {
     't1': {LABEL_EDEMA: 0.55, LABEL_ENHANCING: 0.50, LABEL_NECROSIS: 0.30},
-    't1ce': {LABEL_EDEMA: 0.55, LABEL_ENHANCING: 1.15, LABEL_NECROSIS: 0.35},
+    't1ce': {LABEL_EDEMA: 0.55, LABEL_ENHANCING: 1.35, LABEL_NECROSIS: 0.35},
     't2': {LABEL_EDEMA: 0.85, LABEL_ENHANCING: 0.70, LABEL_NECROSIS: 0.95},
     'flair': {LABEL_EDEMA: 0.95, LABEL_ENHANCING: 0.80, LABEL_NECROSIS: 0.70},
 }
@@ -447,9 +447,9 @@ def _render_tumor(rng, sub: _Subject, spec: _TumorSpec, images):
   region_brain = tissues.sum(0) > TISSUE_BRAIN_THRESHOLD
 
   d_outer, d_inner, texture = _tumor_distance(rng, world, spec, voxel)
-  # Partial volume: memberships ramp linearly over about one voxel (hard labels at 0.5) and
-  # are exactly 0 beyond it, so healthy tissue is untouched.
-  width = np.float32(voxel.mean() / spec.radius)
+  # Partial volume: memberships ramp linearly over half a voxel (hard labels at 0.5) and are
+  # exactly 0 beyond it, so healthy tissue is untouched.
+  width = np.float32(0.5 * voxel.mean() / spec.radius)
   soft = lambda d, level: np.clip((np.float32(level) - d) / width + 0.5, 0.0, 1.0)
   levels = [1.0, spec.core_fraction, spec.core_fraction * spec.necrosis_fraction]
   weights = [soft(d_outer, levels[0])] + [soft(d_inner, lv) for lv in levels[1:len(spec.labels)]]
