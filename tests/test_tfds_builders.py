@@ -1,4 +1,6 @@
 """TFDS builders: contract shapes/dtypes, patient-wise splits, matching, pseudo-normal stacks."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -142,3 +144,14 @@ def test_missing_prepared_cases_is_a_clear_error(tmp_path):
                                                with_pseudo_normal=False)
   with pytest.raises(CaseError, match='no prepared cases'):
     tfds_builders.build(builder)
+
+
+def test_shards_are_deterministic(built, tmp_path):
+  again = tfds_builders.build(tfds_builders.tumor_slices_builder(
+      built['config'], tmp_path / 'tfds', 1, with_pseudo_normal=False,
+      prep_dir=built['root'] / 'prep'))
+  first = sorted(p for p in Path(built['plain'].data_dir).iterdir() if '.tfrecord' in p.name)
+  second = sorted(p for p in Path(again.data_dir).iterdir() if '.tfrecord' in p.name)
+  assert [p.name for p in first] == [p.name for p in second] and first
+  for a, b in zip(first, second):
+    assert a.read_bytes() == b.read_bytes()
