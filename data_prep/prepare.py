@@ -52,7 +52,8 @@ class MniSpace:
   template: sitk.Image        # T1 template on the prep grid (prep.spacing)
   box: tuple                  # crop box on that grid, [Z, H, W] index ranges
   crop_grid: sitk.Image       # the box as a grid: resampling target of every volume
-  dilated_brain: np.ndarray   # bool [Z, H, W] in the box: template brain, dilated
+  template_brain: np.ndarray  # bool [Z, H, W] in the box: the template's brain mask
+  dilated_brain: np.ndarray   # ... grown by prep.mask_dilation_mm
   reg_template: sitk.Image    # fixed image of the registration (prep.reg.spacing)
   reg_mask: sitk.Image        # its metric mask (dilated brain)
 
@@ -63,12 +64,14 @@ def _mni_space(spacing: float, mask_threshold: float, dilation_mm: float, crop_h
   """Everything about the MNI side that one prep config fixes, built once per process."""
   template, mask = register.mni_template(spacing, mask_threshold)
   box = crop_box(sitk.GetArrayViewFromImage(mask), crop_hw)
+  template_brain = register.crop_to_box(sitk.GetArrayFromImage(mask).astype(bool), box)
   brain = register.crop_to_box(
       sitk.GetArrayFromImage(register.dilate_mask(mask, dilation_mm)).astype(bool), box)
   # The registration's fixed side, at its own (coarser) spacing.
   reg_template, reg_mask = register.mni_template(reg_spacing or spacing, mask_threshold)
   return MniSpace(template=template, box=box, crop_grid=register.box_grid(template, box),
-                  dilated_brain=brain, reg_template=reg_template,
+                  template_brain=template_brain, dilated_brain=brain,
+                  reg_template=reg_template,
                   reg_mask=register.dilate_mask(reg_mask, dilation_mm))
 
 
@@ -92,6 +95,7 @@ def registration_modality(case: Case, config) -> str:
 
 def prepare_case(case: Case, config, out_dir=None) -> store.PreparedCase:
   """Reads, checks, aligns and crops one case; saves it into `out_dir` when given."""
+  mni_space(config)   # built once per process; not a per-case cost
   start = time.perf_counter()
   loaded = validate.load_case(case, config)
   seconds = {'load': time.perf_counter() - start}
@@ -167,6 +171,8 @@ def prepare_loaded(loaded: LoadedCase, config, *, seconds: Optional[dict] = None
       'crop_box': [list(b) for b in space.box],
       'transform': register.transform_to_meta(transform),
       'registration_metric': metric,
+      # QC: share of the template brain that the case's signal covers (low = misaligned).
+      'brain_coverage': round(float(brain[space.template_brain].mean()), 4),
       'scale': scales,
   }
   return store.PreparedCase(case_id=case.case_id, images=images.astype(np.float32),

@@ -42,7 +42,7 @@ def _reoriented_copy(case, root, axcodes=('A', 'S', 'L')):
 @pytest.fixture(scope='module')
 def cohort(tmp_path_factory):
   root = tmp_path_factory.mktemp('cohort')
-  info = synthetic.generate_cohort(root, 2, 0, seed=3, spacing=2.0, progress=False)
+  info = synthetic.generate_cohort(root, 2, 1, seed=3, spacing=2.0, progress=False)
   config = demo.get_config()
   good = readers.find_cases(config, root / 'BraTS')
   assert len(good) == 2
@@ -106,8 +106,19 @@ def test_prepare_case_aligns_to_the_template(cohort, prepared):
   centre_ras = np.array(grid['origin']) * [-1, -1, 1] + index * np.array(grid['spacing'])
   assert np.linalg.norm(centre_ras - centres[good[0].case_id]) < 15.0
   json.dumps(pc.meta)   # the meta is plain JSON
-  assert pc.meta['registration_metric'] < -0.2
+  assert pc.meta['registration_metric'] < -0.2 and pc.meta['brain_coverage'] > 0.9
   assert set(pc.meta['seconds']) >= {'load', 'register', 'resample', 'total'}
+
+
+def test_normal_subject_registers_its_normal_modality(cohort):
+  root, config, _, _, _ = cohort
+  (case,) = readers.find_normal_cases(root / 'IXI', config)
+  pc = prepare.prepare_case(case, config)
+  assert pc.modalities == ('t1',) and pc.meta['group'] == 'normal'
+  assert pc.label is None and pc.healthy_t1 is None
+  assert pc.images.shape[1:] == pc.brain.shape and pc.meta['brain_coverage'] > 0.9
+  native = nib.load(case.images['t1'].path)   # sagittal IXI grid: its own shape comes back
+  assert register.to_native(pc.brain, pc.meta).shape == native.shape
 
 
 def test_to_native_lands_on_the_native_label(cohort, prepared, tmp_path):
