@@ -6,16 +6,17 @@ Batches follow ARCHITECTURE.md's contract: image float32 [B,H,W,M(2K+1)], normal
 patient bytes [B], slice int32 [B]; B is the process-local batch (global / process_count),
 ready for jax.make_array_from_process_local_data.
 
-Training draws round(B * tumor_fraction) (the nnU-Net rounding: B - round(B(1-f))) slices of
-every batch from a tumor-only stream and the rest from all slices, and augments every sample
-with ONE set of random parameters for all its channels, pseudo-normal, label and brain.
+Training draws tumor_slots(B) = B - round(B (1 - tumor_fraction)) samples of every batch
+(nnU-Net's rounding: 1 of 4, 2 of 6) from a tumor-only stream and the rest from all slices,
+and augments every sample with ONE set of random parameters for all its channels,
+pseudo-normal, label and brain.
 Randomness is stateless and seeded per sample (seed, process, stream, sample counter), so a
 run's batches are reproducible.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
