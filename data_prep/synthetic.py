@@ -487,7 +487,12 @@ def subject_rng(seed: int, part: str, index: int) -> np.random.Generator:
 
 
 def make_tumor_subject(rng: np.random.Generator, spacing: float = 1.0) -> SyntheticSubject:
-  """A BraTS-like tumor subject: t1, t1ce, t2, flair, BraTS labels and the healthy T1."""
+  """A BraTS-like tumor subject: t1, t1ce, t2, flair, BraTS labels and the healthy T1.
+
+  `info`: group (HGG/LGG), site (deep/cortex/ventricle), radius_mm, labels present (outer to
+  inner), centre_mm (world = NIfTI RAS mm of the written files), mass_effect, mass_reach_mm
+  (beyond it the T1 equals the healthy T1 bit for bit), volume_ml per label, whole_tumor_ml.
+  """
   grid = brats_grid(spacing)
   sub = _draw_subject(rng, grid, MODALITIES, spacing)
   healthy = _render_normal(sub, MODALITIES)
@@ -503,12 +508,12 @@ def make_tumor_subject(rng: np.random.Generator, spacing: float = 1.0) -> Synthe
   healthy_t1 = healthy['t1']
   present = tuple(int(v) for v in spec.labels if np.any(label == v))
   voxel_ml = float(np.prod(np.sqrt((grid.affine[:3, :3] ** 2).sum(0)))) / 1000.0
-  volumes = {str(k): float((label == k).sum() * voxel_ml) for k in (1, 2, 4)}
+  volumes = {str(k): round(float((label == k).sum() * voxel_ml), 4) for k in (1, 2, 4)}
   info = {'group': spec.group, 'site': spec.site, 'radius_mm': round(spec.radius, 2),
           'labels': list(present), 'centre_mm': [round(float(v), 2) for v in spec.centre],
           'mass_effect': round(spec.mass_effect, 3),
           'mass_reach_mm': round(_mass_reach(spec), 2), 'volume_ml': volumes,
-          'whole_tumor_ml': float(sum(volumes.values()))}
+          'whole_tumor_ml': round(float((label > 0).sum() * voxel_ml), 4)}
   return SyntheticSubject(images, grid.affine, label, healthy_t1, info)
 
 
@@ -564,8 +569,13 @@ def generate_cohort(out_dir, tumor_cases: int, normal_cases: int, seed: int,
     raise ValueError(f'spacing must be positive, got {spacing}')
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  summary = {'seed': int(seed), 'spacing_mm': float(spacing), 'generator': __name__,
-             'skull_stripped': True, 'tumor_cases': [], 'normal_cases': []}
+  (out / 'cohort.json').unlink(missing_ok=True)  # written last: marks a complete cohort.
+  grids = {'brats': brats_grid(spacing), 'ixi': ixi_grid(spacing)}
+  summary = {'seed': int(seed), 'spacing_mm': float(spacing), 'generator': 'data_prep.synthetic',
+             'skull_stripped': True,
+             'grids': {k: {'shape': list(g.shape), 'affine': g.affine.round(6).tolist()}
+                       for k, g in grids.items()},
+             'tumor_cases': [], 'normal_cases': []}
   jobs = [('tumor', i) for i in range(tumor_cases)] + [('normal', i) for i in range(normal_cases)]
   start = time.time()
   for part, i in tqdm(jobs, desc='synthetic cohort', unit='case', disable=not progress):
