@@ -51,7 +51,7 @@ TUMOR_TEXTURE = 0.06          # multiplicative texture inside the tumor.
 
 BRATS_SHAPE_1MM = (240, 240, 155)
 BRATS_CENTRE_MNI = (0.0, -17.0, 12.0)     # grid centre in template mm (top of brain kept).
-IXI_SHAPE_1MM = (256, 256, 150)           # sagittal: (A-P, I-S, L-R) array axes.
+IXI_SHAPE_1MM = (256, 256, 150)           # sagittal: array axes run to P, S, R.
 IXI_VOXEL_1MM = (0.9375, 0.9375, 1.2)
 IXI_CENTRE_MNI = (0.0, -10.0, 20.0)
 
