@@ -89,6 +89,9 @@ class IntroVAEState:
   weights: LossWeights = flax.struct.field(pytree_node=False)
 
 
+_CHEAP_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
 def _image_hw(image_shape):
   """(H, W) from (H, W), (H, W, 1) or (B, H, W, 1)."""
   shape = tuple(int(s) for s in image_shape)
@@ -103,18 +106,25 @@ def create_state(config, rng, image_shape):
   """Fresh IntroVAEState for single-channel slices of image_shape ((H,W), (H,W,1) or (B,H,W,1))."""
   image_hw = _image_hw(image_shape)
   encoder, decoder = introvae_model.build(config, image_hw)
-  rng, enc_rng, dec_rng = jax.random.split(rng, 3)
-  enc_params = encoder.init(enc_rng, jnp.zeros((1,) + image_hw + (1,), jnp.float32))['params']
   latent = introvae_model.latent_shape(config, image_hw)
-  dec_params = decoder.init(dec_rng, jnp.zeros((1,) + latent, jnp.float32))['params']
   enc_tx = optax.adam(config.introvae.lr_encoder)
   dec_tx = optax.adam(config.introvae.lr_decoder)
-  return IntroVAEState(
-      enc_params=enc_params, dec_params=dec_params,
-      enc_opt=enc_tx.init(enc_params), dec_opt=dec_tx.init(dec_params),
-      step=jnp.zeros((), jnp.int32), rng=rng,
-      encoder=encoder, decoder=decoder, enc_tx=enc_tx, dec_tx=dec_tx,
-      weights=LossWeights.from_config(config))
+
+  # One compiled init (eagerly, flax compiles every op on its own). It runs once, so LLVM's
+  # optimisations are switched off: they take most of its compile time (random init).
+  @functools.partial(jax.jit, compiler_options=_CHEAP_COMPILE)
+  def init(rng):
+    rng, enc_rng, dec_rng = jax.random.split(rng, 3)
+    enc_params = encoder.init(enc_rng, jnp.zeros((1,) + image_hw + (1,), jnp.float32))['params']
+    dec_params = decoder.init(dec_rng, jnp.zeros((1,) + latent, jnp.float32))['params']
+    return IntroVAEState(
+        enc_params=enc_params, dec_params=dec_params,
+        enc_opt=enc_tx.init(enc_params), dec_opt=dec_tx.init(dec_params),
+        step=jnp.zeros((), jnp.int32), rng=rng,
+        encoder=encoder, decoder=decoder, enc_tx=enc_tx, dec_tx=dec_tx,
+        weights=LossWeights.from_config(config))
+
+  return init(rng)
 
 
 # --- Steps -----------------------------------------------------------------------------------
@@ -211,17 +221,18 @@ def sample(dec_params, config, image_hw, rng, num):
   return decoder.apply({'params': dec_params}, jax.random.normal(rng, (num,) + latent))
 
 
-def fit_on_arrays(config, images, steps, seed=0):
+def fit_on_arrays(config, images, steps, seed=0, compiler_options=None):
   """Trains on an in-memory [N,H,W,1] array for `steps` alternating steps (tests, demo).
 
-  Each step draws min(N, introvae.batch_size) slices without replacement. Returns
-  (state, history) with history a dict of per-step numpy metric arrays.
+  Each step draws min(N, introvae.batch_size) slices without replacement. compiler_options
+  go to jax.jit (e.g. cheaper XLA:CPU compiles for short runs). Returns (state, history)
+  with history a dict of per-step numpy metric arrays.
   """
   images = np.asarray(images, np.float32)
   if images.ndim != 4 or images.shape[-1] != 1:
     raise ValueError(f'fit_on_arrays expects [N,H,W,1] slices, got {images.shape}')
   state = create_state(config, jax.random.PRNGKey(seed), images.shape)
-  step_fn = jax.jit(train_step, donate_argnums=0)
+  step_fn = jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options)
   picker = np.random.default_rng(seed)
   batch_size = min(len(images), int(config.introvae.batch_size))
   history = []

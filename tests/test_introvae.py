@@ -1,4 +1,5 @@
 """IntroVAE: shapes, losses by hand, update isolation, deterministic μ-reconstruction, learning."""
+import functools
 import math
 
 import jax
@@ -38,6 +39,10 @@ def brain_like_slices(n, hw=32, seed=0):
     image[vent] = -0.6
     out.append(image)
   return np.asarray(out, np.float32)[..., None]
+
+
+# Cheap XLA:CPU compiles for steps that run once (compile time dominates these tests).
+FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
 def _leaves_equal(a, b):
@@ -109,19 +114,28 @@ def test_demo_size_and_bad_size():
 
 # --- Updates ----------------------------------------------------------------------------------
 
+def test_nearest_upsample_matches_resize():
+  x = np.random.default_rng(0).random((2, 3, 5, 4), np.float32)
+  np.testing.assert_array_equal(introvae_model.upsample_nearest(x),
+                                jax.image.resize(x, (2, 6, 10, 4), 'nearest'))
+
+
 def test_each_update_changes_only_its_own_network():
   config = tiny_config('spatial')
-  images = brain_like_slices(4)
+  config.introvae.channels = (4, 8)   # two levels: compile time dominates this test.
+  images = brain_like_slices(4, hw=16)
   state = introvae_train.create_state(config, jax.random.PRNGKey(0), images.shape)
   batch = {'image': images}
 
-  after_enc, metrics = jax.jit(introvae_train.encoder_step)(state, batch)
+  after_enc, metrics = jax.jit(introvae_train.encoder_step, compiler_options=FAST_COMPILE)(
+      state, batch)
   assert np.isfinite(float(metrics['enc/loss']))
   assert _leaves_equal(after_enc.dec_params, state.dec_params)
   assert _leaves_equal(after_enc.dec_opt, state.dec_opt)
   assert not _leaves_equal(after_enc.enc_params, state.enc_params)
 
-  after_dec, metrics = jax.jit(introvae_train.decoder_step)(state, batch)
+  after_dec, metrics = jax.jit(introvae_train.decoder_step, compiler_options=FAST_COMPILE)(
+      state, batch)
   assert np.isfinite(float(metrics['dec/loss']))
   assert _leaves_equal(after_dec.enc_params, state.enc_params)
   assert _leaves_equal(after_dec.enc_opt, state.enc_opt)
@@ -139,18 +153,21 @@ def test_reconstruction_improves_and_uses_mu():
   config.introvae.beta = 1.0
   config.introvae.margin = 10.0
   images = brain_like_slices(8)
-  state, history = introvae_train.fit_on_arrays(config, images, steps=150, seed=0)
+  state, history = introvae_train.fit_on_arrays(config, images, steps=150, seed=0,
+                                                compiler_options=FAST_COMPILE)
   assert int(state.step) == 150
   mse = history['enc/mse']
   assert np.all(np.isfinite(mse))
   assert mse[-10:].mean() < 0.5 * mse[0]
 
-  recon = introvae_train.reconstruct_fn(config)
+  recon = jax.jit(functools.partial(introvae_train.reconstruct, config=config),
+                  compiler_options=FAST_COMPILE)
   first = np.asarray(recon(state.enc_params, state.dec_params, images))
   second = np.asarray(recon(state.enc_params, state.dec_params, images))
   np.testing.assert_array_equal(first, second)
-  mu, _ = state.encoder.apply({'params': state.enc_params}, images)
-  np.testing.assert_allclose(first, state.decoder.apply({'params': state.dec_params}, mu),
+  decode_mu = jax.jit(lambda e, d, x: state.decoder.apply(
+      {'params': d}, state.encoder.apply({'params': e}, x)[0]), compiler_options=FAST_COMPILE)
+  np.testing.assert_allclose(first, decode_mu(state.enc_params, state.dec_params, images),
                              atol=1e-5)
   mean_image_mse = np.mean((images - images.mean(0)) ** 2)
   assert np.mean((first - images) ** 2) < 0.5 * mean_image_mse
