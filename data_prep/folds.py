@@ -87,13 +87,19 @@ def load_or_make_folds(path, case_ids, groups, config) -> list:
   return folds
 
 
+def prepared_case_ids(directory) -> list:
+  """store.prepared_ids restricted to ids with their .npz (prep_summary.json is no case)."""
+  from data_prep import store  # pylint: disable=g-import-not-at-top
+  directory = Path(directory)
+  return [i for i in store.prepared_ids(directory) if (directory / f'{i}.npz').exists()]
+
+
 def prepared_split(prep_dir, config, fold: int) -> dict:
   """Fold `fold`'s {'train','val','test'} ids over prep/cases, via prep/folds.json."""
-  from data_prep import store  # pylint: disable=g-import-not-at-top
   from data_prep.case import CaseError  # pylint: disable=g-import-not-at-top
   prep_dir = Path(prep_dir)
   cases_dir = prep_dir / 'cases'
-  ids = store.prepared_ids(cases_dir)
+  ids = prepared_case_ids(cases_dir)
   if not ids:
     raise CaseError(cases_dir, 'no prepared cases (run the prep stage first)')
   groups = []

@@ -157,10 +157,10 @@ def normal_t1_reference(prep_dir, config, fold: int = 0) -> np.ndarray:
   With a normal cohort (prep/normal/): fitted on all its subjects. Without one (fallback):
   fitted on fold `fold`'s training (train+val) tumor cases, never on its test fold.
   """
-  from data_prep import folds as folds_lib, store  # pylint: disable=g-import-not-at-top
+  from data_prep import folds as folds_lib  # pylint: disable=g-import-not-at-top
   prep_dir = Path(prep_dir)
   modality = config.dataset.normal_modality
-  normal_ids = store.prepared_ids(prep_dir / 'normal')
+  normal_ids = folds_lib.prepared_case_ids(prep_dir / 'normal')
   if normal_ids:
     return load_or_fit_references(normal_reference_path(prep_dir), prep_dir / 'normal',
                                   normal_ids, (modality,), config)[modality]

@@ -145,7 +145,7 @@ class TumorSlices(tfds.core.GeneratorBasedBuilder):
       with c.unlocked():
         c.dataset.root = str(manual)
       prepare.prepare_cohort(readers.find_cases(c), c, cases_dir)
-    if not store.prepared_ids(cases_dir):
+    if not folds_lib.prepared_case_ids(cases_dir):
       raise CaseError(cases_dir, 'no prepared cases and no manual_dir:\n' +
                       MANUAL_DOWNLOAD_INSTRUCTIONS)
     split = folds_lib.prepared_split(self._prep_dir, c, self._fold)
@@ -260,7 +260,7 @@ class NormalT1Slices(tfds.core.GeneratorBasedBuilder):
       if manual is not None:
         from data_prep import prepare, readers  # pylint: disable=g-import-not-at-top
         prepare.prepare_cohort(readers.find_normal_cases(manual, self._modality), c, normal_dir)
-      ids = store.prepared_ids(normal_dir)
+      ids = folds_lib.prepared_case_ids(normal_dir)
       if not ids:
         raise CaseError(normal_dir, 'no prepared normal subjects and no manual_dir:\n' +
                         MANUAL_DOWNLOAD_INSTRUCTIONS)
@@ -313,7 +313,7 @@ def tumor_slices_builder(config, data_dir, fold: int, *, with_pseudo_normal: boo
 def normal_source(config, data_dir, prep_dir=None) -> str:
   """'normal' when a normal cohort is prepared (or its slices are built), else 'fallback'."""
   prep_dir = Path(prep_dir) if prep_dir else _default_dir(data_dir, 'prep')
-  if store.prepared_ids(prep_dir / 'normal'):
+  if folds_lib.prepared_case_ids(prep_dir / 'normal'):
     return 'normal'
   probe = NormalT1Slices(app_config=config, source='normal', prep_dir=prep_dir,
                          data_dir=str(data_dir))
