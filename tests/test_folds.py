@@ -64,3 +64,11 @@ def test_load_or_make_reuses_consistent_folds(tmp_path):
   more = folds.load_or_make_folds(path, ids + ['P999'], groups + ['HGG'], config)
   assert sorted(i for f in more for i in f) == sorted(ids + ['P999'])
   assert np.any([f != c for f, c in zip(more, custom)])
+
+
+def test_prepared_case_ids_skip_non_cases(tmp_path):
+  (tmp_path / 'A.json').write_text('{}')
+  (tmp_path / 'A.npz').write_bytes(b'')
+  (tmp_path / 'prep_summary.json').write_text('{}')
+  (tmp_path / 'B.npz').write_bytes(b'')   # no JSON yet: incomplete.
+  assert folds.prepared_case_ids(tmp_path) == ['A']
