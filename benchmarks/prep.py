@@ -1,16 +1,21 @@
 """Preprocessing cost per case at full size: 1 mm, 240x240x155, 4 modalities + label + healthy T1.
 
-`python -m benchmarks.prep [--repeats=2] [--threads=2] [--set reg.iterations=50 ...]` writes a
-synthetic BraTS-like case with data_prep.synthetic at 1 mm, then times `prepare.prepare_case`
-split into load/validate, registration, resampling (+ masking, cropping, scaling) and save.
-The one-off template build (once per worker process) is reported apart. It also reports how
+`python -m benchmarks.prep [--repeats=2] [--threads=2] [--cohort=4] [--set reg.iterations=50]`
+writes a synthetic BraTS-like case with data_prep.synthetic at 1 mm, then times
+`prepare.prepare_case` split into load/validate, registration, resampling (+ masking, cropping,
+scaling) and save. The one-off template build (once per worker process) is reported apart.
+`--cohort=N` also runs `prepare.prepare_cohort` on N copies of the case with
+config.prep.num_workers processes: wall seconds per case of the whole stage, pool start-up and
+per-worker template builds included. It also reports how
 well the case comes back: Dice of the whole-tumor label after MNI and back to the native grid,
 and the distance between the registered tumor centroid and where the generator placed it (MNI
-mm). Results go to benchmarks/results/prep.json (and one JSON line on stdout).
+mm). `cpu` is the process's CPU seconds (all threads) per case: unlike wall time it hardly
+depends on how busy the machine is. Results go to benchmarks/results/prep.json (and one JSON line on stdout).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -57,7 +62,19 @@ def _machine(threads) -> dict:
           'sitk': sitk.Version.VersionString(), 'loadavg_1m': round(os.getloadavg()[0], 2)}
 
 
-def run(repeats: int, threads: int, overrides=()) -> dict:
+def _cohort_seconds(case, config, n: int, out_dir: Path) -> dict:
+  copies = [dataclasses.replace(case, case_id=f'{case.case_id}_copy{i}') for i in range(n)]
+  tick = time.perf_counter()
+  summary = prepare.prepare_cohort(copies, config, out_dir, progress=False)
+  wall = time.perf_counter() - tick
+  if summary['skipped']:
+    raise RuntimeError(f'cohort benchmark skipped cases: {summary["skipped"]}')
+  return {'cases': n, 'workers': summary['workers'], 'wall_s': round(wall, 2),
+          'wall_s_per_case': round(wall / n, 2),
+          'case_s_median': round(float(np.median(list(summary['seconds_per_case'].values()))), 2)}
+
+
+def run(repeats: int, threads: int, cohort: int = 0, overrides=()) -> dict:
   config = default.get_config()
   for item in overrides:
     key, value = item.split('=', 1)
@@ -78,10 +95,12 @@ def run(repeats: int, threads: int, overrides=()) -> dict:
     template_s = time.perf_counter() - tick
     runs = []
     for i in range(repeats):
+      cpu = time.process_time()
       pc = prepare.prepare_case(case, config, Path(tmp) / f'prep{i}')
-      runs.append(pc.meta['seconds'])
+      runs.append(dict(pc.meta['seconds'], cpu=round(time.process_time() - cpu, 3)))
     accuracy = _accuracy(pc, centre_mm, native_label)
-  parts = ('load', 'register', 'resample', 'save', 'total')
+    cohort_result = _cohort_seconds(case, config, cohort, Path(tmp) / 'cohort') if cohort else None
+  parts = ('load', 'register', 'resample', 'save', 'total', 'cpu')
   return {
       'suite': 'prep', 'case': '240x240x155 1 mm, 4 modalities + seg + healthy T1 (synthetic)',
       'mni_grid': pc.meta['mni_grid']['size'], 'crop': [b - a for a, b in pc.meta['crop_box']],
@@ -90,7 +109,7 @@ def run(repeats: int, threads: int, overrides=()) -> dict:
       'runs': runs, 'template_once_s': round(template_s, 2),
       'generate_case_s': round(generate_s, 2),
       'registration_metric': round(pc.meta['registration_metric'], 4),
-      **accuracy, 'machine': _machine(threads),
+      'cohort': cohort_result, **accuracy, 'machine': _machine(threads),
   }
 
 
@@ -98,10 +117,11 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--repeats', type=int, default=2)
   parser.add_argument('--threads', type=int, default=2, help='SimpleITK threads')
+  parser.add_argument('--cohort', type=int, default=4, help='copies through prepare_cohort')
   parser.add_argument('--set', nargs='*', default=[], help='prep overrides: reg.iterations=50')
   parser.add_argument('--out', default=str(RESULTS))
   args = parser.parse_args()
-  result = run(args.repeats, args.threads, args.set)
+  result = run(args.repeats, args.threads, args.cohort, args.set)
   print(json.dumps(result), flush=True)
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(result, indent=1))
