@@ -78,6 +78,13 @@ def _check_case(pc: store.PreparedCase, modalities, crop_hw, where: Path):
                     f'{pc.images.shape[1:]}')
 
 
+def _matched(pc: store.PreparedCase, modality, landmarks, config, where: Path) -> np.ndarray:
+  try:
+    return normalize.apply_reference(pc.modality(modality), pc.brain, landmarks, config)
+  except ValueError as e:
+    raise CaseError(where, f'{modality}: {e}') from None
+
+
 def _brain_slices(brain, min_fraction) -> np.ndarray:
   return np.flatnonzero(brain.mean(axis=(1, 2)) >= min_fraction)
 
@@ -183,8 +190,7 @@ class TumorSlices(tfds.core.GeneratorBasedBuilder):
     _check_case(pc, self._modalities, self._crop_hw, where)
     if pc.label is None:
       raise CaseError(where, 'tumor case without a label')
-    matched = np.stack([normalize.apply_reference(pc.modality(m), pc.brain, refs[m], c)
-                        for m in self._modalities])
+    matched = np.stack([_matched(pc, m, refs[m], c, where) for m in self._modalities])
     tumor = pc.label > 0
     pseudo = self._pseudo_normal(case_id, pc.brain.shape)
     zeros = np.zeros(self._crop_hw + (2 * self._k + 1,), np.float16)
@@ -280,15 +286,15 @@ class NormalT1Slices(tfds.core.GeneratorBasedBuilder):
     c = self._app_config
     for case_id in case_ids:
       pc = store.load_prepared(source_dir, case_id)
-      _check_case(pc, (self._modality,), self._crop_hw, source_dir / f'{case_id}.npz')
-      unit = normalize.to_unit_range(
-          normalize.apply_reference(pc.modality(self._modality), pc.brain, landmarks, c),
-          pc.brain, c)
+      where = source_dir / f'{case_id}.npz'
+      _check_case(pc, (self._modality,), self._crop_hw, where)
+      unit = normalize.to_unit_range(_matched(pc, self._modality, landmarks, c, where),
+                                     pc.brain, c)
       keep = np.zeros(pc.brain.shape[0], bool)
       keep[_brain_slices(pc.brain, c.data.min_brain_fraction)] = True
       if margin is not None:
         if pc.label is None:
-          raise CaseError(source_dir / f'{case_id}.npz', 'tumor case without a label')
+          raise CaseError(where, 'tumor case without a label')
         tumor_slices = pc.label.reshape(len(keep), -1).any(axis=1).astype(np.uint8)
         near = ndimage.maximum_filter1d(tumor_slices, 2 * margin + 1, mode='constant')
         keep &= near == 0

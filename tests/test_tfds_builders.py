@@ -155,3 +155,11 @@ def test_shards_are_deterministic(built, tmp_path):
   assert [p.name for p in first] == [p.name for p in second] and first
   for a, b in zip(first, second):
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_case_with_wrong_crop_names_the_file(tmp_path):
+  c = small_config()
+  toy_prepared_cohort(tmp_path / 'prep', num_cases=3, z=6, hw=(16, 16), modalities=MODS)
+  with pytest.raises(CaseError, match=r'P00\d\.npz.*crop'):
+    tfds_builders.build(tfds_builders.tumor_slices_builder(c, tmp_path / 'tfds', 0,
+                                                           with_pseudo_normal=False))
