@@ -159,6 +159,7 @@ def test_prepare_cohort_skips_bad_cases_and_resumes(cohort, tmp_path):
   assert sorted(p.name for p in out.glob('*.npz')) == [f'{i}.npz' for i in good_ids]
   # What was saved maps back onto the native label through its JSON alone.
   loaded = store.load_prepared(out, good_ids[0])
+  assert set(loaded.meta['seconds']) >= {'load', 'register', 'resample', 'total'}
   native = nib.load(next(c for c in good if c.case_id == good_ids[0]).label.path)
   assert _dice(register.to_native(loaded.label, loaded.meta), np.asarray(native.dataobj)) >= 0.9
 
