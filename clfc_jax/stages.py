@@ -65,33 +65,40 @@ def resolve_data_roots(config, wd: Workdir):
 
 
 def stage_prep(config, wd: Workdir):
-  """NIfTI -> validated -> MNI152 -> prepared volumes; folds; histogram references."""
+  """NIfTI -> validated -> MNI152 -> prepared volumes; folds; histogram references; shards.
+
+  Tumor shards are written here without pseudo-normal stacks (enough for baseline1); the
+  pseudo_normal stage adds a second build with them.
+  """
   from data_prep import folds as folds_lib  # pylint: disable=g-import-not-at-top
-  from data_prep import normalize, prepare, readers, store  # pylint: disable=g-import-not-at-top
+  from data_prep import normalize, prepare, readers, store, tfds_builders  # pylint: disable=g-import-not-at-top
   tumor_root, normal_root = resolve_data_roots(config, wd)
-  with config.unlocked():
-    config.dataset.root = str(tumor_root)
-  summary = {'tumor': prepare.prepare_cohort(readers.find_cases(config), config, wd.prep_cases)}
+  summary = {'tumor': prepare.prepare_cohort(readers.find_cases(config, tumor_root), config,
+                                             wd.prep_cases)}
   ids = store.prepared_ids(wd.prep_cases)
   if not ids:
     raise RuntimeError(f'no case could be prepared from {tumor_root}; see '
-                       f'{wd.prep_cases / "prep_summary.json"}')
+                       f'{wd.prep_cases / prepare.SUMMARY_NAME}')
   if normal_root is not None:
-    normal_cases = readers.find_normal_cases(normal_root, config)
-    summary['normal'] = prepare.prepare_cohort(normal_cases, config, wd.prep_normal)
-    normal = [store.load_prepared(wd.prep_normal, i) for i in store.prepared_ids(wd.prep_normal)]
-    refs = normalize.fit_references(normal, (config.dataset.normal_modality,), config)
-    normalize.save_references(refs, wd.hist_refs_normal)
-
+    summary['normal'] = prepare.prepare_cohort(readers.find_normal_cases(normal_root, config),
+                                               config, wd.prep_normal)
   groups = [store.load_prepared_meta(wd.prep_cases, i).get('group', '') for i in ids]
   fold_lists = folds_lib.load_or_make_folds(wd.folds, ids, groups, config)
+  modalities = tuple(config.dataset.modalities)
   for k in folds_to_run(config):
     split = folds_lib.split_for_fold(fold_lists, k, config.data.val_fraction,
                                      config.data.split_seed)
-    training = [store.load_prepared(wd.prep_cases, i) for i in split['train'] + split['val']]
-    refs = normalize.fit_references(training, tuple(config.dataset.modalities), config)
-    normalize.save_references(refs, wd.hist_refs(k))
+    normalize.load_or_fit_references(wd.hist_refs(k), wd.prep_cases,
+                                     split['train'] + split['val'], modalities, config)
+    tfds_builders.build(tfds_builders.tumor_slices_builder(
+        config, wd.tfds, k, with_pseudo_normal=False, prep_dir=wd.prep))
+  first = folds_to_run(config)[0]
+  normal_builder = tfds_builders.build(tfds_builders.normal_t1_builder(
+      config, wd.tfds, fold=first, prep_dir=wd.prep))
+  summary['normal_t1_slices'] = normal_builder.info.splits['train'].num_examples
   summary['cases'] = len(ids)
+  summary['skipped'] = dict(summary['tumor']['skipped'], **summary.get('normal', {}).get(
+      'skipped', {}))
   return summary
 
 

@@ -88,10 +88,9 @@ def load_or_make_folds(path, case_ids, groups, config) -> list:
 
 
 def prepared_case_ids(directory) -> list:
-  """store.prepared_ids restricted to ids with their .npz (prep_summary.json is no case)."""
+  """The complete prepared cases in `directory` (see store.prepared_ids)."""
   from data_prep import store  # pylint: disable=g-import-not-at-top
-  directory = Path(directory)
-  return [i for i in store.prepared_ids(directory) if (directory / f'{i}.npz').exists()]
+  return store.prepared_ids(directory)
 
 
 def prepared_split(prep_dir, config, fold: int) -> dict:

@@ -73,11 +73,12 @@ def load_prepared_meta(directory, case_id) -> dict:
 
 
 def prepared_ids(directory):
-  """Ids of the complete cases in a prep folder, sorted."""
+  """Ids of the complete cases (both .npz and .json) in a prep folder, sorted."""
   directory = Path(directory)
   if not directory.is_dir():
     return []
-  return sorted(p.stem for p in directory.glob('*.json') if not p.name.startswith('.'))
+  return sorted(p.stem for p in directory.glob('*.json')
+                if not p.name.startswith('.') and p.with_suffix('.npz').exists())
 
 
 def _jsonable(x):
