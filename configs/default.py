@@ -154,6 +154,8 @@ def get_config():
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 32          # slices per jitted prediction call.
   e.tta = False              # mirroring test-time augmentation.
+  e.threshold = 0.5          # on the native-space foreground probability (after linear resampling).
+  e.wt_label = 1             # label value of whole tumor in the written predictions (BraTS style).
   return c
 
 
