@@ -50,6 +50,9 @@ def test_parameter_count_matches_the_authors_model():
   _, variables = abstract_variables(make_config('clfc', k=0))
   assert reference_param_count(4, 1) == 20_894_054
   assert count(variables['params']) == 20_894_054
+  # The flax ConvTranspose reference holds the very same parameters.
+  _, reference = abstract_variables(make_config('clfc', k=0, upsample='conv_transpose'))
+  assert jax.tree.map(jnp.shape, reference) == jax.tree.map(jnp.shape, variables)
 
 
 def test_parameter_count_2p5d():
@@ -159,7 +162,10 @@ def test_variants_small(small_batch, clfc_variables, method):
   assert jax.tree.map(jnp.shape, new_vars) == jax.tree.map(
       jnp.shape, {'batch_stats': variables['batch_stats']})
   assert np.all(np.isfinite(outputs['logits'])) and np.all(np.isfinite(inference['logits']))
-  for lv in outputs['levels']:
+  for level, lv in enumerate(outputs['levels']):
+    h, w = SMALL_HW[0] // 2 ** (3 - level), SMALL_HW[1] // 2 ** (3 - level)
+    assert lv['zeta'].shape == lv['g'].shape == (2, h, w, 32 // 2 ** (level + 1))
+    assert lv['attention'].shape == (2, h, w, 1)
     a = np.asarray(lv['attention'])
     assert a.min() > 0.0 and a.max() < 1.0
   if method == 'clfc':
