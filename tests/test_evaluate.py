@@ -1,0 +1,176 @@
+"""Native-space evaluation on a real (synthetic, 2 mm) prepared cohort with a tiny real segmenter."""
+import csv
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from benchmarks import pipeline
+from clfc_jax import checkpoints, evaluate, metrics, sharding, stages, train
+from clfc_jax.models import segmenter
+from configs import default, demo
+from data_prep import folds, normalize, prepare, readers, store, synthetic
+from data_prep.case import CaseError
+
+
+def _config(method='clfc'):
+  c = demo.get_config(method)
+  c.model.width = 0.125
+  c.data.k = 1
+  c.data.num_folds = 2
+  c.eval.batch_size = 8
+  c.train.keep_checkpoints = 1
+  return c
+
+
+@pytest.fixture(scope='module')
+def cohort(tmp_path_factory):
+  """WORKDIR with 2 prepared tumor cases, folds, fold-0 references, pseudo-normals, a checkpoint."""
+  root = tmp_path_factory.mktemp('evaluate')
+  config = _config()
+  wd = stages.Workdir(root / 'work')
+  synthetic.generate_cohort(root / 'syn', 2, 0, seed=3, spacing=2.0, progress=False)
+  for case in readers.find_cases(config, root / 'syn' / 'BraTS'):
+    prepare.prepare_case(case, config, wd.prep_cases)
+  split = folds.prepared_split(wd.prep, config, 0)
+  train_ids = split['train'] + split['val']
+  refs = normalize.fit_references((store.load_prepared(wd.prep_cases, i) for i in train_ids),
+                                  config.dataset.modalities, config)
+  normalize.save_references(refs, wd.hist_refs(0), fitted_on=train_ids)
+  pipeline.write_toy_pseudo_normals(wd.prep, wd.pseudo_normal, split['train'] + split['test'])
+  model = segmenter.build_segmenter(config)
+  state = train.create_train_state(config, jax.random.PRNGKey(1), model)
+  with checkpoints.Checkpointer(wd.runs / 'clfc' / 'fold0' / 'checkpoints',
+                                max_to_keep=1) as ckpt:
+    ckpt.save(3, state, metrics={'val_dice': 0.5})
+    ckpt.wait()
+  return {'wd': wd, 'config': config, 'split': split, 'refs': refs, 'model': model,
+          'variables': state.variables}
+
+
+def _test_case(cohort):
+  return store.load_prepared(cohort['wd'].prep_cases, cohort['split']['test'][0])
+
+
+def test_case_inputs_are_matched_modality_major_stacks(cohort):
+  config, refs = cohort['config'], cohort['refs']
+  pc = _test_case(cohort)
+  pseudo = evaluate.load_pseudo_normal(cohort['wd'].pseudo_normal / f'{pc.case_id}.npz',
+                                       pc.brain.shape)
+  inputs = evaluate.case_inputs(pc, refs, config, pseudo)
+  z, h, w = pc.brain.shape
+  n = 2 * config.data.k + 1
+  assert inputs['image'].shape == (z, h, w, 4 * n) and inputs['image'].dtype == np.float32
+  assert inputs['normal'].shape == (z, h, w, n)
+  for mi, m in enumerate(config.dataset.modalities):
+    matched = normalize.apply_reference(pc.modality(m), pc.brain, refs[m], config)
+    for s in (0, z // 2, z - 1):
+      for j in range(n):
+        src = int(np.clip(s - config.data.k + j, 0, z - 1))
+        np.testing.assert_allclose(inputs['image'][s, :, :, mi * n + j], matched[src],
+                                   atol=2e-3, rtol=1e-3)
+  np.testing.assert_allclose(inputs['normal'][5, :, :, 0], pseudo[4], atol=1e-3)
+  # baseline1 has no normal net; the full model refuses to run without its pseudo-normal.
+  assert 'normal' not in evaluate.case_inputs(pc, refs, _config('baseline1'))
+  with pytest.raises(CaseError, match='pseudo-normal'):
+    evaluate.case_inputs(pc, refs, config)
+  with pytest.raises(CaseError, match='no pseudo-normal'):
+    evaluate.load_pseudo_normal(cohort['wd'].pseudo_normal / 'nobody.npz', pc.brain.shape)
+
+
+def test_predict_volume_equals_unbatched_per_slice_prediction(cohort):
+  config, model, variables = cohort['config'], cohort['model'], cohort['variables']
+  pc = _test_case(cohort)
+  pseudo = evaluate.load_pseudo_normal(cohort['wd'].pseudo_normal / f'{pc.case_id}.npz',
+                                       pc.brain.shape)
+  inputs = {k: v[30:37] for k, v in evaluate.case_inputs(pc, cohort['refs'], config,
+                                                          pseudo).items()}
+  mesh = sharding.make_mesh()
+  assert len(mesh.local_devices) == 4
+  eval_fn = train.make_jitted_steps(config, mesh, model).eval
+  prob = evaluate.predict_volume(eval_fn, variables, inputs, 4, mesh)   # 4 + 3 padded
+  assert prob.shape == (7,) + pc.brain.shape[1:] and prob.dtype == np.float32
+
+  @jax.jit
+  def one(image, normal):
+    logits = model.apply(variables, image, normal, train=False)['logits']
+    return jax.nn.softmax(logits, axis=-1)[..., 1]
+
+  expected = np.concatenate([np.asarray(one(inputs['image'][i:i + 1], inputs['normal'][i:i + 1]))
+                             for i in range(7)])
+  np.testing.assert_allclose(prob, expected, atol=1e-5)
+  assert prob.std() > 0   # a real network, not a constant
+  with pytest.raises(ValueError, match='multiple of the 4 devices'):
+    evaluate.predict_volume(eval_fn, variables, inputs, 6, mesh)
+  config.eval.batch_size = 6
+  assert evaluate.eval_batch_size(config, mesh) == 8
+  config.eval.batch_size = 8
+
+
+def test_true_label_as_probability_lands_on_the_native_label(cohort, tmp_path):
+  config = cohort['config']
+  pc = _test_case(cohort)
+  scores, native_pred = evaluate.score_case((pc.label > 0).astype(np.float32), pc.meta, config)
+  native = nib.load(pc.meta['label_file'])
+  assert native_pred.shape == native.shape and native_pred.dtype == np.uint8
+  assert set(np.unique(native_pred)) == {0, config.eval.wt_label}
+  assert scores['dice'] >= 0.9 and scores['sensitivity'] >= 0.9
+  assert scores['hd95'] <= 2 * max(native.header.get_zooms())
+  truth = np.asarray(native.dataobj) > 0
+  assert scores == metrics.case_metrics(native_pred, truth, native.header.get_zooms())
+  path = evaluate.save_prediction(tmp_path / 'p_seg.nii.gz', native_pred, pc.meta, native)
+  back = nib.load(path)
+  assert back.shape == native.shape and back.get_data_dtype() == np.uint8
+  np.testing.assert_array_equal(back.affine, native.affine)
+  np.testing.assert_array_equal(np.asarray(back.dataobj), native_pred)
+  # An empty prediction of a tumor case: Dice 0, HD95 the image diagonal (BraTS convention).
+  empty, _ = evaluate.score_case(np.zeros(pc.brain.shape, np.float32), pc.meta, config)
+  assert empty['dice'] == 0.0 and empty['hd95'] > 100
+
+
+def test_missing_label_file_is_a_case_error(cohort):
+  pc = _test_case(cohort)
+  meta = dict(pc.meta, label_file=str(cohort['wd'].root / 'gone_seg.nii.gz'))
+  with pytest.raises(CaseError, match='gone_seg.nii.gz'):
+    evaluate.score_case(np.zeros(pc.brain.shape, np.float32), meta, cohort['config'])
+
+
+def test_evaluate_fold_writes_native_predictions_and_resumes(cohort):
+  config, wd = cohort['config'], cohort['wd']
+  test_id = cohort['split']['test'][0]
+  summary = evaluate.evaluate_fold(config, wd.root, 0)
+  assert summary['n'] == 1 and summary['evaluated_now'] == 1 and summary['checkpoint_step'] == 3
+  out = wd.eval / 'clfc' / 'fold0'
+  with open(out / 'per_patient.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert [r['patient'] for r in rows] == [test_id]
+  assert rows[0]['method'] == 'clfc' and rows[0]['fold'] == '0'
+  # The written NIfTI has the input's geometry, and the CSV scores exactly that file.
+  pred = nib.load(out / 'predictions' / f'{test_id}_seg.nii.gz')
+  native = nib.load(store.load_prepared_meta(wd.prep_cases, test_id)['label_file'])
+  assert pred.shape == native.shape and pred.get_data_dtype() == np.uint8
+  np.testing.assert_array_equal(pred.affine, native.affine)
+  np.testing.assert_array_equal(pred.header.get_zooms(), native.header.get_zooms())
+  assert pred.header['qform_code'] == native.header['qform_code']
+  rescored = metrics.case_metrics(np.asarray(pred.dataobj), np.asarray(native.dataobj) > 0,
+                                  native.header.get_zooms())
+  for m in ('dice', 'sensitivity', 'hd95'):
+    assert float(rows[0][m]) == pytest.approx(rescored[m], rel=1e-9)
+    assert summary[m] == pytest.approx(rescored[m], rel=1e-9)
+  # Resume: a patient already in the CSV is not evaluated again.
+  rows[0]['dice'] = '0.125'
+  with open(out / 'per_patient.csv', 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  again = evaluate.evaluate_fold(config, wd.root, 0)
+  assert again['evaluated_now'] == 0 and again['dice'] == 0.125
+  # Nothing outside WORKDIR/eval was written.
+  assert not (wd.root / 'report').exists()
+
+
+def test_evaluate_fold_without_checkpoints_says_so(cohort):
+  config = default.apply_method(_config(), 'baseline2')
+  with pytest.raises(FileNotFoundError, match='baseline2'):
+    evaluate.evaluate_fold(config, cohort['wd'].root, 0)
