@@ -131,6 +131,9 @@ def get_config():
   t.num_processes = -1       # -1 = auto-detect.
   t.process_id = -1          # -1 = auto-detect.
   t.donate_state = True      # jitted steps reuse the old state's buffers (halves state memory).
+  t.nan_check_every_steps = 1  # fetch the loss this often (one step late) to stop on NaN/Inf.
+  t.rng_impl = 'threefry2x32'  # PRNG of the state; 'rbg' compiles init faster on XLA:CPU.
+  t.cheap_cpu_compile = False  # XLA:CPU -O0 compiles (tests, smoke runs): faster compile, slower steps.
 
   # --- IntroVAE (SPEC §6) ---------------------------------------------------------------------
   c.introvae = iv = ml_collections.ConfigDict()
