@@ -260,11 +260,15 @@ def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
 
   Writes WORKDIR/eval/<method>/fold<k>/per_patient.csv (after every patient: resumable, done
   patients are skipped), predictions/<id>_seg.nii.gz and summary.json; writes nothing outside
-  WORKDIR/eval. Returns the mean metrics, the patient count and seconds per patient.
+  WORKDIR/eval. Returns the mean metrics, the patient count, the checkpoint step and seconds
+  per patient (the first patient's 'predict' includes the compilation).
   """
   from clfc_jax import stages, train  # pylint: disable=g-import-not-at-top
   from clfc_jax.models import segmenter  # pylint: disable=g-import-not-at-top
   from data_prep import folds as folds_lib  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    raise RuntimeError('evaluation runs in one process (it writes one CSV per fold); run the '
+                       'evaluate stage without config.train.distributed')
   config = _method_config(config, method)
   method = config.method
   wd = stages.Workdir(workdir)
