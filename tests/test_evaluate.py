@@ -11,7 +11,7 @@ from clfc_jax import checkpoints, evaluate, metrics, sharding, stages, train
 from clfc_jax.models import segmenter
 from configs import default, demo
 from data_prep import folds, normalize, prepare, readers, store, synthetic
-from data_prep.case import CaseError
+from data_prep.case import Case, CaseError, ImageRef
 
 
 def _config(method='clfc'):
@@ -174,3 +174,31 @@ def test_evaluate_fold_without_checkpoints_says_so(cohort):
   config = default.apply_method(_config(), 'baseline2')
   with pytest.raises(FileNotFoundError, match='baseline2'):
     evaluate.evaluate_fold(config, cohort['wd'].root, 0)
+
+
+def test_anisotropic_reoriented_native_file_is_scored_in_its_own_axes(cohort, tmp_path):
+  """A file stored A-S-L with 4 mm between sagittal planes: shape, affine and spacing are its own."""
+  config = cohort['config']
+  case = next(c for c in readers.find_cases(config, cohort['wd'].root.parent / 'syn' / 'BraTS')
+              if c.case_id == cohort['split']['test'][0])
+  folder = tmp_path / 'HGG' / 'ANISO'
+  folder.mkdir(parents=True)
+  for name, ref in dict(case.images, seg=case.label).items():
+    img = nib.load(ref.path)
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine),
+                                           nib.orientations.axcodes2ornt(('A', 'S', 'L')))
+    img = img.as_reoriented(ornt)
+    affine = img.affine.copy()
+    affine[:3, 2] *= 2   # every other plane along the third (L) axis
+    data = np.asarray(img.dataobj)[:, :, ::2]
+    nib.save(nib.Nifti1Image(data, affine), folder / f'ANISO_{name}.nii.gz')
+  aniso = Case('ANISO', {m: ImageRef(folder / f'ANISO_{m}.nii.gz') for m in case.images},
+               label=ImageRef(folder / 'ANISO_seg.nii.gz'), group='HGG')
+  pc = prepare.prepare_case(aniso, config)
+  native = nib.load(folder / 'ANISO_seg.nii.gz')
+  assert native.header.get_zooms() == (2.0, 2.0, 4.0)
+  scores, native_pred = evaluate.score_case((pc.label > 0).astype(np.float32), pc.meta, config)
+  assert native_pred.shape == native.shape
+  truth = np.asarray(native.dataobj) > 0
+  assert scores == metrics.case_metrics(native_pred, truth, (2.0, 2.0, 4.0))
+  assert scores['dice'] >= 0.85
