@@ -86,18 +86,24 @@ def test_encoder_and_decoder_losses_by_hand():
 
 # --- Model shapes -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('latent,latent_shape', [('vector', (16,)), ('spatial', (8, 8, 4))])
-def test_latent_and_output_shapes(latent, latent_shape):
+@pytest.mark.parametrize('latent,latent_shape,dtype', [('vector', (16,), 'float32'),
+                                                        ('spatial', (8, 8, 4), 'float32'),
+                                                        ('vector', (16,), 'bfloat16')])
+def test_latent_and_output_shapes(latent, latent_shape, dtype):
   config = tiny_config(latent)
+  config.introvae.dtype = dtype
   encoder, decoder = introvae_model.build(config, (32, 32))
   x = jax.ShapeDtypeStruct((3, 32, 32, 1), jnp.float32)
   enc_vars = jax.eval_shape(encoder.init, jax.random.PRNGKey(0), x)
   mu, logvar = jax.eval_shape(encoder.apply, enc_vars, x)
   assert mu.shape == logvar.shape == (3,) + latent_shape
+  assert mu.dtype == logvar.dtype == jnp.float32   # activations in dtype, outputs float32.
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(enc_vars))
   assert introvae_model.latent_shape(config, (32, 32)) == latent_shape
   z = jax.ShapeDtypeStruct((3,) + latent_shape, jnp.float32)
   dec_vars = jax.eval_shape(decoder.init, jax.random.PRNGKey(0), z)
-  assert jax.eval_shape(decoder.apply, dec_vars, z).shape == (3, 32, 32, 1)
+  out = jax.eval_shape(decoder.apply, dec_vars, z)
+  assert out.shape == (3, 32, 32, 1) and out.dtype == jnp.float32
 
 
 def test_demo_size_and_bad_size():
