@@ -205,8 +205,10 @@ def restore_variables(config, run_dir, model, mesh):
   if not directory.is_dir():
     raise FileNotFoundError(f'{directory}: no checkpoints (train {config.method!r} on this fold '
                             'first)')
+  # The same key kind as the training loop's root key (typed, config.train.rng_impl).
+  root_key = jax.random.key(int(config.seed), impl=config.train.get('rng_impl', None))
   abstract = jax.eval_shape(functools.partial(train.create_train_state, config, model=model),
-                            jax.random.PRNGKey(int(config.seed)))
+                            root_key)
   repl = sharding_lib.replicated(mesh)
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)

@@ -40,7 +40,8 @@ def cohort(tmp_path_factory):
   normalize.save_references(refs, wd.hist_refs(0), fitted_on=train_ids)
   pipeline.write_toy_pseudo_normals(wd.prep, wd.pseudo_normal, split['train'] + split['test'])
   model = segmenter.build_segmenter(config)
-  state = train.create_train_state(config, jax.random.PRNGKey(1), model)
+  state = train.create_train_state(
+      config, jax.random.key(1, impl=config.train.rng_impl), model)
   with checkpoints.Checkpointer(wd.runs / 'clfc' / 'fold0' / 'checkpoints',
                                 max_to_keep=1) as ckpt:
     ckpt.save(3, state, metrics={'val_dice': 0.5})
