@@ -141,10 +141,9 @@ def prepare_loaded(loaded: LoadedCase, config, *, seconds: Optional[dict] = None
   healthy = pull(loaded.healthy_t1, 'linear') if loaded.healthy_t1 is not None else None
 
   # Dilated template brain AND signal: skull-stripped inputs keep their own edge, unstripped
-  # ones lose the skull. Labelled voxels are brain (tumor tissue) even past the template.
+  # ones lose the skull. The label never enters the mask: inputs must look the same whether
+  # or not a ground truth exists (test cases, new patients).
   brain = space.dilated_brain & (images > 0).any(axis=0)
-  if label is not None:
-    brain |= label > 0
   if not brain.any():
     raise CaseError(where, 'no brain voxel inside the MNI crop after registration')
   images *= brain
