@@ -153,6 +153,11 @@ def get_config():
   iv.norm_groups = 8         # GroupNorm groups in the residual blocks (fewer if width is small).
   iv.output_activation = 'tanh'   # decoder output: 'tanh' | 'linear'.
   iv.hinge_per_sample = True # [m - KL]+ per slice, then batch mean; False: hinge of the batch mean.
+  iv.keep_checkpoints = 2     # orbax: the latest epochs kept (resume); the final one is used.
+  iv.log_every_steps = 10     # TensorBoard / metrics.jsonl window.
+  iv.num_samples = 6          # slices per row of introvae/samples.png (real, reconstructed, sampled).
+  iv.recon_batch_size = 32    # slices per jitted pseudo-normal reconstruction call (padded).
+  iv.cheap_cpu_compile = False  # XLA:CPU -O0 compiles (tests, smoke runs).
 
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 32          # slices per jitted prediction call.
