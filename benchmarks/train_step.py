@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -120,10 +121,17 @@ def run_torch(args, config):
          '--norm-ch', str(stack), '--steps', str(args.steps)]
   if args.dtype == 'bfloat16':
     cmd.append('--amp')
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
   if done.returncode:
     return {'error': done.stderr.strip().splitlines()[-1:] or ['failed']}
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  out = json.loads(done.stdout.strip().splitlines()[-1])
+  # CPU seconds of the whole run (model build + 2 warm-up + timed steps) per step: an upper
+  # bound on its per-step CPU, comparable with step_cpu_s when the machine is busy.
+  cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+  out['cpu_per_step_upper_s'] = round(cpu / (args.steps + 2), 3)
+  return out
 
 
 def machine_info():
@@ -147,25 +155,28 @@ def main(argv=None):
   batch = sharding.global_batch(synthetic_batch(config, args.batch), mesh)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
 
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   compiled = steps.train.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
+  compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
   state, metrics = compiled(state, batch)   # warm-up
   jax.block_until_ready(metrics)
-  times = []
+  times, cpu_times = [], []
   for _ in range(args.steps):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t0)
+    cpu_times.append(time.process_time() - c0)
   step_s = statistics.median(times)
 
   result = {'impl': 'jax', 'method': args.method, 'batch': args.batch, 'hw': [args.h, args.w],
             'k': args.k, 'width': args.width, 'dtype': args.dtype,
             'upsample': config.model.upsample, 'params': int(n_params),
             'init_s': round(init_s, 3), 'compile_s': round(compile_s, 3),
+            'compile_cpu_s': round(compile_cpu_s, 3),
             'step_s': round(step_s, 4), 'step_min_s': round(min(times), 4),
+            'step_cpu_s': round(statistics.median(cpu_times), 4),
             'slices_per_s': round(args.batch / step_s, 2),
             'loss': float(metrics['loss'])}
   if args.breakdown:
@@ -175,6 +186,7 @@ def main(argv=None):
     result['torch'] = ref
     if 'step_s' in ref:
       result['torch_over_jax'] = round(ref['step_s'] / step_s, 2)
+      result['torch_over_jax_cpu'] = round(ref['cpu_per_step_upper_s'] / result['step_cpu_s'], 2)
   result['machine'] = machine_info()
   result['time'] = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
   line = json.dumps(result)
