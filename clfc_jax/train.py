@@ -148,18 +148,28 @@ class StepFns(NamedTuple):
   eval: Callable      # (variables, batch) -> {'probs', 'pred'}
 
 
-def make_jitted_steps(config, mesh, model=None, total_steps: Optional[int] = None) -> StepFns:
-  """jit with explicit shardings; batches must hold only arrays (see sharding.global_batch)."""
+# XLA:CPU at -O0: compiles about 40% faster, steps run about 50% slower (tests, smoke runs).
+CHEAP_CPU_COMPILE = {'xla_backend_optimization_level': 0,
+                     'xla_llvm_disable_expensive_passes': True}
+
+
+def make_jitted_steps(config, mesh, model=None, total_steps: Optional[int] = None,
+                      compiler_options: Optional[dict] = None) -> StepFns:
+  """jit with explicit shardings; batches must hold only arrays (see sharding.global_batch).
+
+  compiler_options go to XLA for every step (e.g. CHEAP_CPU_COMPILE).
+  """
   model = _build_model(config, model)
   repl = sharding_lib.replicated(mesh)
   data = sharding_lib.data_sharding(mesh)
-  init = jax.jit(functools.partial(create_train_state, config, model=model,
-                                   tx=make_optimizer(config, total_steps)),
-                 out_shardings=repl)
-  train = jax.jit(functools.partial(train_step, model=model, config=config,
-                                    total_steps=total_steps),
-                  in_shardings=(repl, data), out_shardings=(repl, repl),
-                  donate_argnums=(0,) if config.train.get('donate_state', True) else ())
-  evaluate = jax.jit(functools.partial(eval_step, model=model, config=config),
-                     in_shardings=(repl, data), out_shardings=data)
+  jit = functools.partial(jax.jit, compiler_options=compiler_options)
+  init = jit(functools.partial(create_train_state, config, model=model,
+                               tx=make_optimizer(config, total_steps)),
+             out_shardings=repl)
+  train = jit(functools.partial(train_step, model=model, config=config,
+                                total_steps=total_steps),
+              in_shardings=(repl, data), out_shardings=(repl, repl),
+              donate_argnums=(0,) if config.train.get('donate_state', True) else ())
+  evaluate = jit(functools.partial(eval_step, model=model, config=config),
+                 in_shardings=(repl, data), out_shardings=data)
   return StepFns(init=init, train=train, eval=evaluate)

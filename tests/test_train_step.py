@@ -121,6 +121,10 @@ def _key(seed=0):
   return jax.random.key(seed, impl='rbg')
 
 
+def _steps(c, mesh):
+  return train.make_jitted_steps(c, mesh, compiler_options=train.CHEAP_CPU_COMPILE)
+
+
 def _train(steps, state, c, mesh, seeds):
   losses = []
   for seed in seeds:
@@ -134,7 +138,7 @@ def clfc_runs():
   """Two steps from one initial state, with the batch over 4 devices and on one device."""
   c = _tiny_config()
   mesh4, mesh1 = sharding.make_mesh(), sharding.make_mesh(jax.devices()[:1])
-  steps4, steps1 = train.make_jitted_steps(c, mesh4), train.make_jitted_steps(c, mesh1)
+  steps4, steps1 = _steps(c, mesh4), _steps(c, mesh1)
   initial = steps4.init(_key())
   # Fresh buffers for every consumer: the train steps donate their input state.
   state1 = jax.device_put(jax.tree.map(jnp.copy, initial), sharding.replicated(mesh1))
@@ -195,7 +199,7 @@ def test_eval_step_gives_probabilities_and_matching_predictions(clfc_runs):
   # TTA = the mean over the four in-plane mirrorings, each mirrored back.
   c_tta = _tiny_config()
   c_tta.eval.tta = True
-  tta = np.asarray(train.make_jitted_steps(c_tta, mesh).eval(state.variables, batch)['probs'])
+  tta = np.asarray(_steps(c_tta, mesh).eval(state.variables, batch)['probs'])
   host = _host_batch(c, 5)
   expected = np.zeros_like(probs)
   for axes in ((), (1,), (2,), (1, 2)):
