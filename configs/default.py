@@ -151,7 +151,7 @@ def get_config():
   iv.steps_per_epoch = 0     # 0 = one pass over the normal slices.
   iv.dtype = 'float32'
   iv.norm_groups = 8         # GroupNorm groups in the residual blocks (fewer if width is small).
-  iv.output_activation = 'tanh'   # decoder output: 'tanh' | 'linear'.
+  iv.output_activation = 'linear'  # 'linear' (IntroVAE paper; tanh saturates at lr 5e-3) | 'tanh'.
   iv.hinge_per_sample = True # [m - KL]+ per slice, then batch mean; False: hinge of the batch mean.
   iv.keep_checkpoints = 2     # orbax: the latest epochs kept (resume); the final one is used.
   iv.log_every_steps = 10     # TensorBoard / metrics.jsonl window.
