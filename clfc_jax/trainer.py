@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -93,12 +92,20 @@ def _all_finite(tree):
 
 
 _STEP_CACHE = {}
+# config.train keys that only the loop reads: changing them does not change a compiled step.
+_LOOP_ONLY_KEYS = ('log_every_steps', 'nan_check_every_steps', 'checkpoint_every_epochs',
+                   'eval_every_epochs', 'keep_checkpoints', 'distributed', 'coordinator_address',
+                   'num_processes', 'process_id')
 
 
 def _steps(config, mesh, total_steps) -> train_lib.StepFns:
   """Compiled steps, reused by later calls with the same config in this process (other folds,
   a resumed run), since compiling dominates short runs."""
-  key = (config.to_json(), tuple(d.id for d in mesh.devices.flat), total_steps)
+  step_config = config.copy_and_resolve_references()
+  for name in _LOOP_ONLY_KEYS:
+    if name in step_config.train:
+      del step_config.train[name]
+  key = (step_config.to_json_best_effort(), tuple(d.id for d in mesh.devices.flat), total_steps)
   if key not in _STEP_CACHE:
     steps = train_lib.make_jitted_steps(config, mesh, total_steps=total_steps)
     cheap = config.train.cheap_cpu_compile and jax.default_backend() == 'cpu'
@@ -311,9 +318,11 @@ def _train_epoch(config, data_dir, fold, train_fn, state, epoch, mesh, log, batc
                  out_dir, ckpt, is_main):
   """One epoch of steps on the stream of `epoch_seed(config.seed, epoch)`.
 
-  NaN/Inf check: fetching a step's loss blocks the host until that step ends, so the check
-  reads step i's metrics only after step i+1 is dispatched (the device never idles), every
-  train.nan_check_every_steps steps; the params are checked before every checkpoint as well.
+  NaN/Inf check (every metric: a NaN input can leave the loss finite but not the gradient):
+  fetching a step's metrics blocks the host until that step ends, so step i's are read only
+  after step i+1 is dispatched (the device never idles; the bad state is one step old when
+  caught), every train.nan_check_every_steps steps; every step of a log window is checked when
+  it is logged, and the parameters at the end of the epoch, before any checkpoint.
   """
   from clfc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   t = config.train
@@ -322,8 +331,8 @@ def _train_epoch(config, data_dir, fold, train_fn, state, epoch, mesh, log, batc
   it = input_pipeline.train_iterator(config, data_dir, fold, global_batch_size=int(t.batch_size),
                                      seed=epoch_seed(config.seed, epoch))
 
-  def check(step, metrics):
-    bad = _nonfinite_terms(jax.device_get(metrics))
+  def check(step, host_metrics):
+    bad = _nonfinite_terms(host_metrics)
     if bad:
       err = TrainingDiverged(step, bad, out_dir, ckpt.latest_step())
       log.event('diverged', step, epoch=epoch, terms=bad, message=str(err))
@@ -341,26 +350,25 @@ def _train_epoch(config, data_dir, fold, train_fn, state, epoch, mesh, log, batc
         host = batch_hook(host, step)
       batch = sharding_lib.global_batch(_device_fields(host, train_lib.BATCH_INPUTS), mesh)
       state, metrics = train_fn(state, batch)
-      window.append(metrics)
+      window.append((step, metrics))
       bar.update(1)
       if pending is not None:
-        check(*pending)
+        check(pending[0], jax.device_get(pending[1]))
         pending = None
       if (step + 1) % check_every == 0:
         pending = (step, metrics)
       if (step + 1) % log_every == 0 or i == spe - 1:
-        if pending is not None:
-          check(*pending)
-          pending = None
-        host_window = jax.device_get(window)
+        host_window = jax.device_get([m for _, m in window])
+        for (s, _), m in zip(window, host_window):
+          check(s, m)
         seconds = time.perf_counter() - window_start
         scalars = {k: float(np.mean([m[k] for m in host_window])) for k in host_window[0]}
         scalars['steps_per_s'] = len(window) / max(seconds, 1e-9)
         log.event('train', step + 1, scalars, tb_prefix='train', epoch=epoch + 1)
         bar.set_postfix(loss=f'{scalars["loss"]:.4f}')
-        window, window_start = [], time.perf_counter()
+        pending, window, window_start = None, [], time.perf_counter()
     if not bool(_all_finite(state.params)):
-      check(epoch * spe + spe - 1, {'params': np.array(np.nan)})
+      check(epoch * spe + spe - 1, {'params': np.nan})
   finally:
     bar.close()
     it.close()
@@ -376,6 +384,6 @@ def _validate(config, data_dir, fold, eval_fn, state, mesh, log, epoch) -> float
   step = epoch * int(config.train.steps_per_epoch)
   log.event('val', step, {'val_dice': val}, tb_prefix='val', epoch=epoch,
             patients=len(dice), seconds=round(time.perf_counter() - start, 2))
-  if not math.isfinite(val):
-    logging.warning('val Dice is not finite at epoch %d', epoch)
+  logging.info('%s fold%d epoch %d: val Dice %.4f over %d patients', config.method, fold,
+               epoch, val, len(dice))
   return val
