@@ -92,12 +92,16 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Latent (vector [B,D] or map [B,h,w,C]) → [B,H,W,1] image in [-1,1] (float32)."""
+  """Latent (vector [B,D] or map [B,h,w,C]) → [B,H,W,1] image (float32).
+
+  'linear' output (IntroVAE paper) is trained towards [-1,1] and clipped at inference; 'tanh'
+  bounds it but saturates and stops learning at the paper's decoder lr (5e-3) with Adam.
+  """
   channels: Sequence[int]
   image_hw: Sequence[int]
   latent: str = 'vector'
   max_groups: int = 8
-  output_activation: str = 'tanh'
+  output_activation: str = 'linear'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
