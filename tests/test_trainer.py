@@ -50,6 +50,16 @@ def _final_state(c, workdir):
   return jax.device_get(state), extra
 
 
+def _tensorboard_tags(directory) -> set:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  tags = set()
+  for path in directory.glob('events.out.tfevents.*'):
+    for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+      tags.update(v.tag for v in event_pb2.Event.FromString(record).summary.value)
+  return tags
+
+
 def _events(workdir, c):
   path = trainer.run_dir(workdir, c, FOLD) / trainer.METRICS_NAME
   return [json.loads(line) for line in path.read_text().splitlines()]
@@ -72,7 +82,8 @@ def test_run_writes_checkpoints_logs_and_summary(uninterrupted, data_dir):
   out = trainer.run_dir(workdir, c, FOLD)
   assert out == workdir / 'runs' / 'baseline1' / 'fold0'
   assert json.loads((out / trainer.SUMMARY_NAME).read_text())['final_step'] == 2 * spe
-  assert list(out.glob('events.out.tfevents.*'))
+  assert {'train/loss', 'train/dice_loss', 'train/ce', 'train/sim', 'train/lr', 'train/grad_norm',
+          'train/steps_per_s', 'val/val_dice'} <= _tensorboard_tags(out)
   events = _events(workdir, c)
   kinds = [e['event'] for e in events]
   assert kinds[0] == 'start' and kinds[-1] == 'summary'
