@@ -208,3 +208,17 @@ def test_eval_step_gives_probabilities_and_matching_predictions(clfc_runs):
     expected += np.flip(p, axes) / 4
   np.testing.assert_allclose(tta, expected, atol=1e-5)
   assert not np.allclose(tta, probs, atol=1e-3)
+
+
+def test_bfloat16_activations_keep_float32_params_and_a_close_loss(clfc_runs):
+  c, _, initial, _, _ = clfc_runs
+  c16 = _tiny_config()
+  c16.model.dtype = 'bfloat16'
+  mesh = sharding.make_mesh()
+  batch = sharding.global_batch(_host_batch(c, 0), mesh)
+  state = jax.tree.map(jnp.copy, initial)
+  state16, metrics16 = _steps(c16, mesh).train(state, batch)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state16.params))
+  # Same initial state and batch as the float32 run's first step.
+  losses32 = clfc_runs[3][1]
+  assert float(metrics16['loss']) == pytest.approx(losses32[0], abs=3e-2)
