@@ -110,9 +110,6 @@ def create_state(config, rng, image_shape):
   enc_tx = optax.adam(config.introvae.lr_encoder)
   dec_tx = optax.adam(config.introvae.lr_decoder)
 
-  # One compiled init (eagerly, flax compiles every op on its own). It runs once, so LLVM's
-  # optimisations are switched off: they take most of its compile time (random init).
-  @functools.partial(jax.jit, compiler_options=_CHEAP_COMPILE)
   def init(rng):
     rng, enc_rng, dec_rng = jax.random.split(rng, 3)
     enc_params = encoder.init(enc_rng, jnp.zeros((1,) + image_hw + (1,), jnp.float32))['params']
@@ -124,7 +121,11 @@ def create_state(config, rng, image_shape):
         encoder=encoder, decoder=decoder, enc_tx=enc_tx, dec_tx=dec_tx,
         weights=LossWeights.from_config(config))
 
-  return init(rng)
+  if isinstance(rng, jax.core.Tracer):  # inside the caller's jit / eval_shape (e.g. shardings).
+    return init(rng)
+  # One compiled init (eagerly, flax compiles every op on its own). It runs once, so LLVM's
+  # optimisations are switched off: they take most of its compile time (random init).
+  return jax.jit(init, compiler_options=_CHEAP_COMPILE)(rng)
 
 
 # --- Steps -----------------------------------------------------------------------------------

@@ -106,6 +106,16 @@ def test_latent_and_output_shapes(latent, latent_shape, dtype):
   assert out.shape == (3, 32, 32, 1) and out.dtype == jnp.float32
 
 
+def test_create_state_traces_inside_callers_jit():
+  """The caller may jit/eval_shape create_state (shardings, checkpoint restore targets)."""
+  config = tiny_config()
+  shapes = jax.eval_shape(lambda r: introvae_train.create_state(config, r, (32, 32, 1)),
+                          jax.random.PRNGKey(0))
+  assert shapes.enc_params['stem']['kernel'].shape == (5, 5, 1, 8)
+  assert shapes.dec_params['to_image']['kernel'].shape == (5, 5, 8, 1)
+  assert shapes.step.shape == ()
+
+
 def test_demo_size_and_bad_size():
   from configs import demo
   config = demo.get_config()
