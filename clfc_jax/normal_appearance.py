@@ -104,37 +104,66 @@ def _nonfinite(host_metrics) -> list:
 
 # --- state, steps, restore ------------------------------------------------------------------------
 
+# Settings of the training loop only: they change neither the model nor the compiled step.
+_LOOP_KEYS = ('epochs', 'steps_per_epoch', 'log_every_steps', 'keep_checkpoints', 'num_samples',
+              'recon_batch_size')
+
+
+def _model_key(config):
+  iv = {k: v for k, v in config.introvae.to_dict().items() if k not in _LOOP_KEYS}
+  return json.dumps(iv, sort_keys=True, default=str), _image_hw(config)
+
+
+_STATIC_CACHE, _FN_CACHE = {}, {}
+
+
 def _fresh_state(config, mesh):
   """A newly initialised IntroVAEState, replicated over `mesh` (also the restore target).
 
-  (jax.eval_shape cannot stand in: create_state's init is a jit with compiler options, which
-  JAX refuses to nest.)
+  The state's static fields (modules, optax transforms) are shared by every state of the same
+  model in this process: optax transforms compare by identity, so fresh ones would make every
+  jitted step retrace and recompile. (jax.eval_shape cannot build the restore target:
+  create_state's init is a jit with compiler options, which JAX refuses to nest.)
   """
   state = introvae_train.create_state(config, jax.random.PRNGKey(int(config.seed)),
                                       _image_hw(config))
-  return jax.device_put(state, sharding_lib.replicated(mesh))
+  static = _STATIC_CACHE.setdefault(_model_key(config), {
+      'encoder': state.encoder, 'decoder': state.decoder, 'enc_tx': state.enc_tx,
+      'dec_tx': state.dec_tx, 'weights': state.weights})
+  return jax.device_put(state.replace(**static), sharding_lib.replicated(mesh))
 
 
-_STEP_CACHE = {}
+def _cached_fn(name, config, make):
+  key = (name,) + _model_key(config)
+  if key not in _FN_CACHE:
+    _FN_CACHE[key] = make()
+  return _FN_CACHE[key]
 
 
 def _train_step_fn(config, mesh):
   """The jitted alternating step: state replicated, batch split over 'data' (state donated).
 
-  Cached per (introvae settings, crop, devices): a resumed or longer run in the same process
-  reuses the compiled step (epochs and logging do not change it).
+  Cached per model and devices: a resumed or longer run in the same process reuses it.
   """
-  iv = {k: v for k, v in config.introvae.to_dict().items()
-        if k not in ('epochs', 'steps_per_epoch', 'log_every_steps', 'keep_checkpoints',
-                     'num_samples', 'recon_batch_size')}
-  key = (json.dumps(iv, sort_keys=True, default=str), _image_hw(config),
-         tuple(d.id for d in mesh.devices.flat))
-  if key not in _STEP_CACHE:
-    repl, data = sharding_lib.replicated(mesh), sharding_lib.data_sharding(mesh)
-    _STEP_CACHE[key] = jax.jit(introvae_train.train_step, in_shardings=(repl, {'image': data}),
-                               out_shardings=(repl, repl), donate_argnums=0,
-                               compiler_options=_compiler_options(config))
-  return _STEP_CACHE[key]
+  repl, data = sharding_lib.replicated(mesh), sharding_lib.data_sharding(mesh)
+  devices = tuple(d.id for d in mesh.devices.flat)
+  return _cached_fn(('train_step', devices), config, lambda: jax.jit(
+      introvae_train.train_step, in_shardings=(repl, {'image': data}),
+      out_shardings=(repl, repl), donate_argnums=0, compiler_options=_compiler_options(config)))
+
+
+def _reconstruct_fn(config):
+  """Jitted `(enc_params, dec_params, images) -> Dec(μ(images))`, cached per model."""
+  return _cached_fn('reconstruct', config, lambda: jax.jit(
+      functools.partial(introvae_train.reconstruct, config=config),
+      compiler_options=_compiler_options(config)))
+
+
+def _sample_fn(config, num):
+  """Jitted `(dec_params, rng) -> num prior samples`, cached per model."""
+  return _cached_fn(('sample', num), config, lambda: jax.jit(
+      functools.partial(introvae_train.sample, config=config, image_hw=_image_hw(config),
+                        num=num), compiler_options=_compiler_options(config)))
 
 
 @jax.jit
@@ -333,9 +362,8 @@ def save_samples(config, wd, state, path: Path):
   finally:
     it.close()
   enc, dec = _host_params(state)
-  recon = np.asarray(introvae_train.reconstruct_fn(config)(enc, dec, real))
-  sampler = jax.jit(functools.partial(introvae_train.sample, config=config, image_hw=hw, num=n))
-  fake = np.asarray(sampler(dec, rng=jax.random.PRNGKey(int(config.seed))))
+  recon = np.asarray(_reconstruct_fn(config)(enc, dec, real))
+  fake = np.asarray(_sample_fn(config, n)(dec, rng=jax.random.PRNGKey(int(config.seed))))
   fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 1.6 * 3 * hw[0] / hw[1]), squeeze=False)
   for row, (name, images) in enumerate((('real', real), ('reconstructed', recon),
                                         ('sampled', fake))):
@@ -427,7 +455,7 @@ def make_pseudo_normals(config, wd, *, build_shards: bool = True,
   state = restore_introvae(config, wd, mesh)
   repl = sharding_lib.replicated(mesh)
   enc, dec = jax.device_put((state.enc_params, state.dec_params), repl)
-  recon_fn = introvae_train.reconstruct_fn(config)
+  recon_fn = _reconstruct_fn(config)
   modality = config.dataset.normal_modality
   mine = ids[jax.process_index()::jax.process_count()]
   written, skipped, recon_seconds = [], [], 0.0
