@@ -5,8 +5,9 @@
 
 z ~ q(z|x) by reparameterisation, x_r = Dec(z), x_p = Dec(z_p) with z_p ~ N(0, I), z_s = Enc(x_s).
 Reductions follow the IntroVAE paper: KL = ½ Σ_latent (μ² + σ² − 1 − log σ²) and
-L_AE = ½ Σ_pixels (x − x_r)², each per slice, then averaged over the batch. (The IntroVAE
-authors' code drops the ½ of L_AE, i.e. doubles β; m = 120 is on the per-slice KL scale.)
+L_AE = ½ Σ_pixels (x − x_r)², each per slice, then averaged over the batch. (Dropping the ½
+of L_AE, as some implementations do, doubles β; m = 120 is on the per-slice KL scale. Summing
+over pixels makes β L_AE grow with the slice size: 192x160 weighs it 4x more than 96x80.)
 
 The encoder and decoder keep separate param trees and separate optax states, and each step
 differentiates only its own tree, so an update cannot touch the other network. Steps are pure
@@ -223,7 +224,8 @@ def sample(dec_params, config, image_hw, rng, num):
   """`num` decoded prior samples [num,H,W,1] (for the training stage's sample grids)."""
   _, decoder = introvae_model.build(config, image_hw)
   latent = introvae_model.latent_shape(config, image_hw)
-  return decoder.apply({'params': dec_params}, jax.random.normal(rng, (num,) + latent))
+  images = decoder.apply({'params': dec_params}, jax.random.normal(rng, (num,) + latent))
+  return jnp.clip(images, -1.0, 1.0)
 
 
 def fit_on_arrays(config, images, steps, seed=0, compiler_options=None):

@@ -158,6 +158,12 @@ def test_each_update_changes_only_its_own_network():
   assert not _leaves_equal(after_dec.dec_params, state.dec_params)
   assert not np.array_equal(after_dec.rng, state.rng)
 
+  sample = jax.jit(functools.partial(introvae_train.sample, config=config, image_hw=(16, 16),
+                                     num=3), compiler_options=FAST_COMPILE)
+  samples = np.asarray(sample(after_dec.dec_params, rng=jax.random.PRNGKey(1)))
+  assert samples.shape == (3, 16, 16, 1) and samples.min() >= -1 and samples.max() <= 1
+  assert not np.array_equal(samples[0], samples[1])
+
 
 def test_reconstruction_improves_and_uses_mu():
   """On 8 brain-like slices the μ-reconstruction beats the mean image by far within 150 steps.
