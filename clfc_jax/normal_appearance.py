@@ -117,20 +117,31 @@ def _model_key(config):
 _STATIC_CACHE, _FN_CACHE = {}, {}
 
 
-def _fresh_state(config, mesh):
-  """A newly initialised IntroVAEState, replicated over `mesh` (also the restore target).
-
-  The state's static fields (modules, optax transforms) are shared by every state of the same
-  model in this process: optax transforms compare by identity, so fresh ones would make every
-  jitted step retrace and recompile. (jax.eval_shape cannot build the restore target:
-  create_state's init is a jit with compiler options, which JAX refuses to nest.)
-  """
-  state = introvae_train.create_state(config, jax.random.PRNGKey(int(config.seed)),
-                                      _image_hw(config))
+def _shared_static(config, state):
+  """`state` with the static fields (modules, optax transforms) shared by every state of the
+  same model in this process: optax transforms compare by identity, so fresh ones would make
+  every jitted step retrace and recompile."""
   static = _STATIC_CACHE.setdefault(_model_key(config), {
       'encoder': state.encoder, 'decoder': state.decoder, 'enc_tx': state.enc_tx,
       'dec_tx': state.dec_tx, 'weights': state.weights})
-  return jax.device_put(state.replace(**static), sharding_lib.replicated(mesh))
+  return state.replace(**static)
+
+
+def _fresh_state(config, mesh):
+  """A newly initialised IntroVAEState, replicated over `mesh`."""
+  state = introvae_train.create_state(config, jax.random.PRNGKey(int(config.seed)),
+                                      _image_hw(config))
+  return jax.device_put(_shared_static(config, state), sharding_lib.replicated(mesh))
+
+
+def _abstract_state(config, mesh):
+  """The IntroVAEState's shapes and dtypes, replicated over `mesh` (the restore target)."""
+  abstract = jax.eval_shape(
+      lambda key: introvae_train.create_state(config, key, _image_hw(config)),
+      jax.random.PRNGKey(int(config.seed)))
+  repl = sharding_lib.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                      _shared_static(config, abstract))
 
 
 def _cached_fn(name, config, make):
@@ -186,7 +197,7 @@ def restore_introvae(config, wd, mesh=None):
     if ckpt.latest_step() != final_step:
       raise FileNotFoundError(f'{directory}: latest checkpoint {ckpt.latest_step()} is not the '
                               f'final step {final_step} of {summary_path}')
-    state, _ = ckpt.restore(final_step, _fresh_state(config, mesh))
+    state, _ = ckpt.restore(final_step, _abstract_state(config, mesh))
   return state
 
 
@@ -254,10 +265,9 @@ def train_introvae(config, wd, *, stop_after_epochs: Optional[int] = None,
   log = _Log(out_dir, is_main)
   final = {}
   try:
-    state = _fresh_state(config, mesh)
-    restored = ckpt.restore_latest(state)
+    restored = ckpt.restore_latest(_abstract_state(config, mesh))
     if restored is None:
-      first_epoch = 0
+      state, first_epoch = _fresh_state(config, mesh), 0
     else:
       state, extra = restored
       first_epoch = int(extra.get('epoch', 0))
