@@ -39,9 +39,6 @@ from clfc_jax import train as train_lib
 
 SUMMARY_NAME = 'summary.json'
 METRICS_NAME = 'metrics.jsonl'
-# XLA:CPU -O0 (config.train.cheap_cpu_compile): the same options the model's init uses.
-_CHEAP_CPU_COMPILE = {'xla_backend_optimization_level': 0,
-                      'xla_llvm_disable_expensive_passes': True}
 # Loss terms first, so TrainingDiverged names the term that went bad rather than the sum.
 _TERM_ORDER = ('dice_loss', 'ce', 'sim', 'loss', 'grad_norm', 'lr')
 
@@ -72,20 +69,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 # --- compiled steps -----------------------------------------------------------------------------
 
-def _compile_on_first_call(jitted, options):
-  """jitted with XLA compiler options; one input signature (fixed batch and state shapes)."""
-  if not options:
-    return jitted
-  compiled = None
-
-  def call(*args):
-    nonlocal compiled
-    if compiled is None:
-      compiled = jitted.lower(*args).compile(compiler_options=options)
-    return compiled(*args)
-  return call
-
-
 @jax.jit
 def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
@@ -107,10 +90,10 @@ def _steps(config, mesh, total_steps) -> train_lib.StepFns:
       del step_config.train[name]
   key = (step_config.to_json_best_effort(), tuple(d.id for d in mesh.devices.flat), total_steps)
   if key not in _STEP_CACHE:
-    steps = train_lib.make_jitted_steps(config, mesh, total_steps=total_steps)
     cheap = config.train.cheap_cpu_compile and jax.default_backend() == 'cpu'
-    options = _CHEAP_CPU_COMPILE if cheap else None
-    _STEP_CACHE[key] = train_lib.StepFns(*(_compile_on_first_call(f, options) for f in steps))
+    _STEP_CACHE[key] = train_lib.make_jitted_steps(
+        config, mesh, total_steps=total_steps,
+        compiler_options=train_lib.CHEAP_CPU_COMPILE if cheap else None)
   return _STEP_CACHE[key]
 
 
