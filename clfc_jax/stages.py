@@ -102,7 +102,51 @@ def stage_prep(config, wd: Workdir):
   return summary
 
 
-_STAGE_FNS = {'prep': stage_prep}
+def stage_introvae(config, wd: Workdir):
+  """Trains the IntroVAE on normal T1 slices (frozen afterwards)."""
+  from clfc_jax import normal_appearance  # pylint: disable=g-import-not-at-top
+  return normal_appearance.train_introvae(config, wd)
+
+
+def stage_pseudo_normal(config, wd: Workdir):
+  """Reconstructs every tumor case's pseudo-normal T1 once; shards with the 2.5D stacks."""
+  from clfc_jax import normal_appearance  # pylint: disable=g-import-not-at-top
+  return normal_appearance.make_pseudo_normals(config, wd)
+
+
+def _method_config(config, method):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  return default.apply_method(config.copy_and_resolve_references(), method)
+
+
+def stage_train(config, wd: Workdir):
+  """Trains every method of config.methods on every fold to run."""
+  from clfc_jax import trainer  # pylint: disable=g-import-not-at-top
+  return {f'{m}/fold{k}': trainer.train_and_evaluate(_method_config(config, m), wd.root, k)
+          for m in config.methods for k in folds_to_run(config)}
+
+
+def stage_evaluate(config, wd: Workdir):
+  """Scores every method's best checkpoint on its held-out fold, in native space."""
+  from clfc_jax import evaluate  # pylint: disable=g-import-not-at-top
+  return {f'{m}/fold{k}': evaluate.evaluate_fold(_method_config(config, m), wd.root, k, m)
+          for m in config.methods for k in folds_to_run(config)}
+
+
+def stage_report(config, wd: Workdir):
+  """Table 1, Wilcoxon tests and figures under WORKDIR/report."""
+  from clfc_jax import report  # pylint: disable=g-import-not-at-top
+  return report.write_report(config, wd.root, list(config.methods), folds_to_run(config))
+
+
+_STAGE_FNS = {
+    'prep': stage_prep,
+    'introvae': stage_introvae,
+    'pseudo_normal': stage_pseudo_normal,
+    'train': stage_train,
+    'evaluate': stage_evaluate,
+    'report': stage_report,
+}
 
 
 def run(config, workdir, stages):
@@ -117,13 +161,8 @@ def run(config, workdir, stages):
       logging.info('stage %s: already done (%s)', stage, marker)
       results[stage] = json.loads(marker.read_text())
       continue
-    fn = _STAGE_FNS.get(stage)
-    if fn is None:
-      logging.warning('stage %s is not available in this version yet; skipped', stage)
-      results[stage] = {'status': 'not available yet'}
-      continue
     start = time.time()
-    out = fn(config, wd)
+    out = _STAGE_FNS[stage](config, wd)
     record = {'status': 'done', 'seconds': round(time.time() - start, 1), 'summary': out}
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(record, indent=1, default=str))
