@@ -209,6 +209,24 @@ def _abstract_state(config, mesh):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
 
 
+def _every(epoch: int, interval) -> bool:
+  """Whether `epoch` (1-based) is a multiple of `interval`; 0 or less: never (only the end)."""
+  return int(interval) > 0 and epoch % int(interval) == 0
+
+
+def _val_examples(config, data_dir, fold) -> int:
+  from clfc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    n = input_pipeline.num_examples(config, data_dir, fold, 'val')
+  except (KeyError, ValueError):   # tfds: "Unknown split 'val'".
+    n = 0
+  if not n:
+    raise ValueError(f'{data_dir}: fold {fold} has no val split to select the model on '
+                     f'(data.val_fraction={config.data.val_fraction}); the test fold is never '
+                     'used for that')
+  return n
+
+
 def _root_key(config):
   return jax.random.key(int(config.seed), impl=config.train.get('rng_impl', None))
 
@@ -244,6 +262,7 @@ def train_and_evaluate(config, workdir, fold: int, *, stop_after_epochs: Optiona
     (out_dir / 'config.json').write_text(config.to_json_best_effort(indent=1))
 
   epochs, spe = int(t.epochs), int(t.steps_per_epoch)
+  _val_examples(config, data_dir, fold)
   total_steps = train_lib.total_train_steps(config)
   mesh = sharding_lib.make_mesh()
   steps = _steps(config, mesh, total_steps)
@@ -270,10 +289,10 @@ def train_and_evaluate(config, workdir, fold: int, *, stop_after_epochs: Optiona
                            batch_hook, out_dir, ckpt, is_main)
       end = epoch + 1
       val = None
-      if end % int(t.eval_every_epochs) == 0 or end == epochs:
+      if _every(end, t.eval_every_epochs) or end == epochs:
         val = _validate(config, data_dir, fold, steps.eval, state, mesh, log, end)
         history.append({'epoch': end, 'step': end * spe, 'val_dice': val})
-      if end % int(t.checkpoint_every_epochs) == 0 or end in (epochs, last_epoch):
+      if _every(end, t.checkpoint_every_epochs) or end in (epochs, last_epoch):
         ckpt.save(end * spe, state, metrics=None if val is None else {'val_dice': val},
                   extra={'epoch': end, 'val_history': history})
         log.event('checkpoint', end * spe, epoch=end)
