@@ -100,6 +100,19 @@ def test_rerun_resumes_instead_of_retraining(work):
                 if p.name.isdigit()) == [2, 4]
 
 
+def test_resumed_training_equals_an_uninterrupted_run(work, tmp_path):
+  src = work['wd']
+  wd = stages.Workdir(tmp_path)
+  os.symlink(src.prep, wd.prep)
+  os.symlink(src.tfds, wd.tfds)
+  straight = na.train_introvae(tiny_config(epochs=2), wd)
+  assert straight['epochs_run'] == 2 and straight['final_step'] == 4
+  c = tiny_config(epochs=2)
+  a, b = na.restore_introvae(c, src), na.restore_introvae(c, wd)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_epoch_stream_depends_only_on_seed_and_epoch():
   assert na.epoch_seed(0, 3) == na.epoch_seed(0, 3)
   assert len({na.epoch_seed(0, e) for e in range(5)} | {na.epoch_seed(1, 0)}) == 6
