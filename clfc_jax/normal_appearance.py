@@ -98,6 +98,13 @@ def _atomic_write_text(path: Path, text: str):
   os.replace(tmp, path)
 
 
+def _read_json(path: Path) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return {}
+
+
 def _nonfinite(host_metrics) -> list:
   return sorted(k for k, v in host_metrics.items() if not np.all(np.isfinite(v)))
 
@@ -263,7 +270,7 @@ def train_introvae(config, wd, *, stop_after_epochs: Optional[int] = None,
   ckpt = checkpoints_lib.Checkpointer(out_dir / 'checkpoints',
                                       max_to_keep=int(iv.keep_checkpoints))
   log = _Log(out_dir, is_main)
-  final = {}
+  final = _read_json(out_dir / SUMMARY_NAME).get('final', {})   # kept when nothing is left to run.
   try:
     restored = ckpt.restore_latest(_abstract_state(config, mesh))
     if restored is None:
@@ -275,6 +282,9 @@ def train_introvae(config, wd, *, stop_after_epochs: Optional[int] = None,
         raise ValueError(f'{ckpt.directory}: checkpoint at step {int(state.step)} is not the '
                          f'end of epoch {first_epoch} ({spe} steps per epoch): did '
                          'introvae.batch_size / steps_per_epoch or the normal slices change?')
+      if first_epoch > epochs:
+        raise ValueError(f'{ckpt.directory}: trained {first_epoch} epochs, more than '
+                         f'introvae.epochs={epochs}; use a fresh WORKDIR/introvae')
     log.event('resume' if restored else 'start', first_epoch * spe, epoch=first_epoch,
               batch_size=batch, steps_per_epoch=spe, normal_slices=num_slices,
               devices=jax.device_count())

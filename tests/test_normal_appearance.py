@@ -89,6 +89,7 @@ def test_training_writes_checkpoints_logs_and_samples(work):
 def test_rerun_resumes_instead_of_retraining(work):
   again, longer = work['again'], work['longer']
   assert again['epochs_run'] == 0 and again['final_step'] == 2
+  assert again['final'] == work['first']['final']
   train_before = [e for e in work['events_before'] if '"event": "train"' in e]
   assert len(train_before) == 2   # the rerun trained no step.
   assert longer['epochs_run'] == 1 and longer['epochs_done'] == 2 and longer['final_step'] == 4
