@@ -7,9 +7,12 @@ PyTorch reference's step time and the ratio), also appended to benchmarks/result
 with the machine it ran on and its load average (other processes skew CPU timings).
 """
 import argparse
+import collections
+import gzip
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -43,6 +46,9 @@ def parse_args(argv=None):
   ap.add_argument('--steps', type=int, default=5, help='timed steps after one warm-up')
   ap.add_argument('--breakdown', action='store_true',
                   help='also time forward (inference), forward+loss and gradient alone')
+  ap.add_argument('--profile', default='',
+                  help='trace one more step into this folder (jax.profiler, Perfetto JSON) '
+                       'and report the most expensive XLA ops')
   ap.add_argument('--torch', action='store_true', help='also run the PyTorch reference')
   ap.add_argument('--torch-script', default=str(TORCH_REFERENCE))
   ap.add_argument('--results', default=str(RESULTS), help="JSONL to append to; '' = none")
@@ -114,6 +120,57 @@ def breakdown(config, model, state, batch, n):
   return parts
 
 
+def _op_scopes(hlo_text):
+  """HLO instruction name -> 'module fwd|bwd' from the jax op_name inside what it calls."""
+  first_op_name, calls, current = {}, {}, None
+  for line in hlo_text.splitlines():
+    head = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if head:
+      current = head.group(1)
+      continue
+    call = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = .*?calls=%([\w.\-]+)', line)
+    if call:
+      calls[call.group(1)] = call.group(2)
+    op_name = re.search(r'op_name="([^"]+)"', line)
+    if current and op_name:
+      first_op_name.setdefault(current, op_name.group(1))
+  scopes = {}
+  for name, comp in calls.items():
+    op_name = first_op_name.get(comp, '')
+    module = re.search(r'Segmenter\)+/(\w+)', op_name)
+    if module:
+      scopes[name] = f"{module.group(1)} {'bwd' if 'transpose(' in op_name else 'fwd'}"
+  return scopes
+
+
+def profile_step(compiled, state, batch, directory, top=12):
+  """Traces one step; returns (state, time per model scope and per XLA op, summed over threads).
+
+  Ops are named by the flax module their HLO came from ('simsiam3 fwd'); fusions XLA made
+  without that metadata (mostly weight-gradient convolutions) keep their op kind.
+  """
+  with jax.profiler.trace(directory, create_perfetto_trace=True):
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+  trace_file = max(Path(directory).rglob('*.trace.json.gz'), key=lambda p: p.stat().st_mtime)
+  with gzip.open(trace_file) as f:
+    events = json.load(f)['traceEvents']
+  scopes = _op_scopes(compiled.as_text())
+  per_scope, per_op = collections.Counter(), collections.Counter()
+  for e in events:
+    name = e.get('name', '')
+    # Complete events of XLA ops; Python frames ('$...') and runtime bookkeeping are skipped.
+    if e.get('ph') != 'X' or name.startswith(('$', 'Thunk', 'Slinky', 'end:', 'PjitFunction',
+                                              'CommonPjRt')):
+      continue
+    ms = e['dur'] / 1e3
+    per_op[name] += ms
+    per_scope[scopes.get(name, re.sub(r'\.\d+$', '', name))] += ms
+  rounded = lambda counter: {k: round(v, 1) for k, v in counter.most_common(top)}
+  return state, {'ops_total_ms': round(sum(per_op.values()), 1),
+                 'top_scopes_ms': rounded(per_scope), 'top_ops_ms': rounded(per_op)}
+
+
 def run_torch(args, config):
   stack = 2 * config.data.k + 1
   cmd = [sys.executable, args.torch_script, '--batch', str(args.batch), '--h', str(args.h),
@@ -179,6 +236,8 @@ def main(argv=None):
             'step_cpu_s': round(statistics.median(cpu_times), 4),
             'slices_per_s': round(args.batch / step_s, 2),
             'loss': float(metrics['loss'])}
+  if args.profile:
+    state, result['profile'] = profile_step(compiled, state, batch, args.profile)
   if args.breakdown:
     result.update(breakdown(config, model, state, batch, args.steps))
   if args.torch:
