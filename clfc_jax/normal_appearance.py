@@ -472,9 +472,10 @@ def make_pseudo_normals(config, wd, *, build_shards: bool = True,
   n_dev = mesh.devices.size
   batch_size = n_dev * max(1, math.ceil(int(config.introvae.recon_batch_size) / n_dev))
   landmarks = normalize.normal_t1_reference(wd.prep, config, normal_fold(config))
-  state = restore_introvae(config, wd, mesh)
-  repl = sharding_lib.replicated(mesh)
-  enc, dec = jax.device_put((state.enc_params, state.dec_params), repl)
+  # Restored over the global mesh (every process takes part, as orbax expects), then copied
+  # from the host onto this process's devices.
+  enc, dec = jax.device_put(_host_params(restore_introvae(config, wd)),
+                            sharding_lib.replicated(mesh))
   recon_fn = _reconstruct_fn(config)
   modality = config.dataset.normal_modality
   mine = ids[jax.process_index()::jax.process_count()]
