@@ -25,6 +25,7 @@ import numpy as np
 
 from clfc_jax import sharding
 from clfc_jax import train
+from clfc_jax.losses import segmentation_loss
 from clfc_jax.models import segmenter
 from configs import default
 
@@ -96,7 +97,6 @@ def timed(fn, n):
 
 def breakdown(config, model, state, batch, n):
   """Seconds for parts of the step, to see where time goes."""
-  from clfc_jax.losses import segmentation_loss  # pylint: disable=g-import-not-at-top
   image, normal, label = batch['image'], batch.get('normal'), batch['label']
   variables = state.variables
 

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from clfc_jax import sharding as sharding_lib
+from clfc_jax.losses import segmentation_loss
+from clfc_jax.models import segmenter
 
 BATCH_INPUTS = ('image', 'normal', 'label')   # what the model and the loss read.
 
@@ -70,16 +72,12 @@ def make_optimizer(config, total_steps: Optional[int] = None) -> optax.GradientT
 
 
 def _build_model(config, model):
-  if model is not None:
-    return model
-  from clfc_jax.models import segmenter  # pylint: disable=g-import-not-at-top
-  return segmenter.build_segmenter(config)
+  return segmenter.build_segmenter(config) if model is None else model
 
 
 def create_train_state(config, rng: jax.Array, model=None,
                        tx: Optional[optax.GradientTransformation] = None) -> TrainState:
   """Fresh parameters, BatchNorm statistics and optimizer state (pure: jit it to place it)."""
-  from clfc_jax.models import segmenter  # pylint: disable=g-import-not-at-top
   model = _build_model(config, model)
   tx = tx or make_optimizer(config)
   init_rng, state_rng = jax.random.split(rng)
@@ -97,7 +95,6 @@ def _model_inputs(batch, config):
 def train_step(state: TrainState, batch: dict, *, model, config,
                total_steps: Optional[int] = None):
   """One SGD step on one (global) batch; returns the new state and scalar metrics."""
-  from clfc_jax.losses import segmentation_loss  # pylint: disable=g-import-not-at-top
   tx = make_optimizer(config, total_steps)
   image, normal = _model_inputs(batch, config)
   label = batch['label']
