@@ -4,6 +4,7 @@ Runs the requested stages in order (`--stages=prep,introvae,...`; default: all).
 skipped when its output is complete and resumed when it is not; see clfc_jax/stages.py.
 """
 import json
+import logging as logging_std
 import time
 from pathlib import Path
 
@@ -33,7 +34,21 @@ def save_config(config, workdir: Path):
   path.write_text(text)
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Keeps orbax / TFDS chatter (per-save throughput, dataset construction, deprecations,
+  'read out of order' notices) out of the log; their errors still show."""
+
+  _NOISY = ('orbax', 'tensorflow_datasets', 'etils')
+
+  def filter(self, record):
+    return record.levelno >= logging_std.ERROR or not any(
+        n in record.pathname for n in self._NOISY)
+
+
 def main(argv):
+  quiet = _QuietLibraries()
+  for handler in [logging.get_absl_handler()] + logging_std.getLogger().handlers:
+    handler.addFilter(quiet)
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value

@@ -85,9 +85,10 @@ def _steps(config, mesh, total_steps) -> train_lib.StepFns:
   """Compiled steps, reused by later calls with the same config in this process (other folds,
   a resumed run), since compiling dominates short runs."""
   step_config = config.copy_and_resolve_references()
-  for name in _LOOP_ONLY_KEYS:
-    if name in step_config.train:
-      del step_config.train[name]
+  with step_config.unlocked():   # the command line hands over a locked config
+    for name in _LOOP_ONLY_KEYS:
+      if name in step_config.train:
+        del step_config.train[name]
   key = (step_config.to_json_best_effort(), tuple(d.id for d in mesh.devices.flat), total_steps)
   if key not in _STEP_CACHE:
     cheap = config.train.cheap_cpu_compile and jax.default_backend() == 'cpu'
