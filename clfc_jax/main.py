@@ -57,6 +57,11 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'unknown stage(s) {unknown}; choose from {stages.STAGES}')
   save_config(config, workdir)
+  # Compiled steps are reused across stages, resumed runs and reruns (XLA:CPU compiles of the
+  # full model take ~15 s each).
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir', str(workdir / 'cache' / 'jax'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
   logging.info('workdir %s, method %s, stages %s', workdir, config.method, _STAGES.value)
   summary = stages.run(config, workdir, _STAGES.value)
   print(json.dumps(summary, indent=1, default=str))
