@@ -237,10 +237,3 @@ def test_bfloat16_activations(small_batch, clfc_variables):
   assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
   assert float(metrics['sim']) != 0.0
 
-
-def test_reshape_max_pool_equals_flax_max_pool():
-  import flax.linen as nn
-  from clfc_jax.models.encdec import max_pool_2x2
-  x = jax.random.normal(jax.random.key(3), (2, 8, 6, 5))
-  np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)),
-                                np.asarray(nn.max_pool(x, (2, 2), strides=(2, 2))))
