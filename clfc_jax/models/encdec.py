@@ -22,7 +22,6 @@ def encoder_channels(config):
   return tuple(scaled_width(c, config.model.width) for c in config.model.channels)
 
 
-
 class Encoder(nn.Module):
   """Level i: Conv3x3 (bias) -> BatchNorm -> ReLU -> MaxPool 2; returns [e1, e2, e3, e4]."""
   channels: Sequence[int]
