@@ -119,9 +119,22 @@ def _method_config(config, method):
   return default.apply_method(config.copy_and_resolve_references(), method)
 
 
+def ensure_tumor_shards(config, wd: Workdir):
+  """Builds the folds' tumor shards if these data settings (K, crop, folds, validation share)
+  have none yet: from the prepared volumes, so no registration is redone. Existing builds
+  are reused as they are."""
+  from data_prep import tfds_builders  # pylint: disable=g-import-not-at-top
+  with_pn = any(wd.pseudo_normal.glob('*.npz')) if wd.pseudo_normal.is_dir() else False
+  for k in folds_to_run(config):
+    tfds_builders.build(tfds_builders.tumor_slices_builder(
+        config, wd.tfds, k, with_pseudo_normal=with_pn, prep_dir=wd.prep,
+        pseudo_normal_dir=wd.pseudo_normal))
+
+
 def stage_train(config, wd: Workdir):
   """Trains every method of config.methods on every fold to run."""
   from clfc_jax import trainer  # pylint: disable=g-import-not-at-top
+  ensure_tumor_shards(config, wd)
   return {f'{m}/fold{k}': trainer.train_and_evaluate(_method_config(config, m), wd.root, k)
           for m in config.methods for k in folds_to_run(config)}
 
