@@ -18,7 +18,6 @@ Only input_pipeline / tfds_builders touch TensorFlow, and they are imported insi
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -34,9 +33,10 @@ from tqdm import tqdm
 
 from clfc_jax import checkpoints as checkpoints_lib
 from clfc_jax import introvae_train
+from clfc_jax import run_log
 from clfc_jax import sharding as sharding_lib
 
-METRICS_NAME = 'metrics.jsonl'
+METRICS_NAME = run_log.METRICS_NAME
 SUMMARY_NAME = 'summary.json'
 SAMPLES_NAME = 'samples.png'
 FIDELITY_NAME = 'fidelity'
@@ -58,9 +58,8 @@ class IntroVAEDiverged(RuntimeError):
 # --- small pure helpers ---------------------------------------------------------------------------
 
 def epoch_seed(seed: int, epoch: int) -> int:
-  """The normal-slice stream seed of one epoch: a 31-bit hash of (seed, epoch)."""
-  digest = hashlib.sha256(f'introvae:{int(seed)}:{int(epoch)}'.encode()).digest()
-  return int.from_bytes(digest[:4], 'little') >> 1
+  """The normal-slice stream seed of one epoch (its own stream, apart from segmentation's)."""
+  return run_log.epoch_seed(seed, epoch, stream='introvae')
 
 
 def round_batch(batch_size: int, num_devices: int) -> int:
@@ -103,10 +102,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
   except (OSError, ValueError):
     return {}
-
-
-def _nonfinite(host_metrics) -> list:
-  return sorted(k for k, v in host_metrics.items() if not np.all(np.isfinite(v)))
 
 
 # --- state, steps, restore ------------------------------------------------------------------------
@@ -184,12 +179,6 @@ def _sample_fn(config, num):
                         num=num), compiler_options=_compiler_options(config)))
 
 
-@jax.jit
-def _all_finite(tree):
-  leaves = [jax.numpy.all(jax.numpy.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jax.numpy.all(jax.numpy.stack(leaves))
-
-
 def restore_introvae(config, wd, mesh=None):
   """The trained (final) IntroVAEState, replicated over `mesh`; clear errors if not trained."""
   mesh = mesh or sharding_lib.make_mesh()
@@ -206,37 +195,6 @@ def restore_introvae(config, wd, mesh=None):
                               f'final step {final_step} of {summary_path}')
     state, _ = ckpt.restore(final_step, _abstract_state(config, mesh))
   return state
-
-
-# --- logging --------------------------------------------------------------------------------------
-
-class _Log:
-  """metrics.jsonl + TensorBoard on process 0; a no-op elsewhere."""
-
-  def __init__(self, directory: Path, enabled: bool):
-    self.enabled = enabled
-    if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(str(directory))
-      self._jsonl = open(directory / METRICS_NAME, 'a', encoding='utf-8')
-
-  def event(self, kind: str, step: int, scalars=None, **fields):
-    if not self.enabled:
-      return
-    scalars = {k: float(v) for k, v in (scalars or {}).items()}
-    record = {'event': kind, 'step': int(step), 'time': round(time.time(), 3), **fields,
-              **scalars}
-    self._jsonl.write(json.dumps(record, default=str) + '\n')
-    self._jsonl.flush()
-    for name, value in scalars.items():
-      self._writer.add_scalar(f'introvae/{name}', value, int(step))
-    if scalars:
-      self._writer.flush()
-
-  def close(self):
-    if self.enabled:
-      self._writer.close()
-      self._jsonl.close()
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -269,7 +227,7 @@ def train_introvae(config, wd, *, stop_after_epochs: Optional[int] = None,
   step_fn = _train_step_fn(config, mesh)
   ckpt = checkpoints_lib.Checkpointer(out_dir / 'checkpoints',
                                       max_to_keep=int(iv.keep_checkpoints))
-  log = _Log(out_dir, is_main)
+  log = run_log.RunLog(out_dir, is_main, tb_prefix='introvae')
   final = _read_json(out_dir / SUMMARY_NAME).get('final', {})   # kept when nothing is left to run.
   try:
     restored = ckpt.restore_latest(_abstract_state(config, mesh))
@@ -326,7 +284,7 @@ def _train_epoch(config, wd, fold, step_fn, state, epoch, spe, batch, mesh, log,
                                          fold=fold)
 
   def check(step, metrics):
-    bad = _nonfinite(jax.device_get(metrics))
+    bad = run_log.nonfinite_terms(jax.device_get(metrics))
     if bad:
       err = IntroVAEDiverged(step, bad, wd.introvae, ckpt.latest_step())
       log.event('diverged', step, epoch=epoch, terms=bad, message=str(err))
@@ -358,7 +316,7 @@ def _train_epoch(config, wd, fold, step_fn, state, epoch, spe, batch, mesh, log,
                   epoch=epoch + 1)
         bar.set_postfix(enc=f'{last["enc/loss"]:.1f}', dec=f'{last["dec/loss"]:.1f}')
         window, window_start = [], time.perf_counter()
-    if not bool(_all_finite((state.enc_params, state.dec_params))):
+    if not bool(run_log.all_finite((state.enc_params, state.dec_params))):
       check(epoch * spe + spe - 1, {'params': np.array(np.nan)})
   finally:
     bar.close()

@@ -19,7 +19,6 @@ split (no cross-host gather of per-patient volumes; val is ~10% of the training 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -28,17 +27,17 @@ from typing import Callable, Optional
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from clfc_jax import checkpoints as checkpoints_lib
 from clfc_jax import metrics as metrics_lib
+from clfc_jax import run_log
 from clfc_jax import sharding as sharding_lib
 from clfc_jax import train as train_lib
 
 SUMMARY_NAME = 'summary.json'
-METRICS_NAME = 'metrics.jsonl'
+METRICS_NAME = run_log.METRICS_NAME
 # Loss terms first, so TrainingDiverged names the term that went bad rather than the sum.
 _TERM_ORDER = ('dice_loss', 'ce', 'sim', 'loss', 'grad_norm', 'lr')
 
@@ -56,23 +55,15 @@ class TrainingDiverged(RuntimeError):
         '(lower train.lr or train.clip_norm, or check the input data)')
 
 
+epoch_seed = run_log.epoch_seed
+
+
 def run_dir(workdir, config, fold: int) -> Path:
   """WORKDIR/runs/<method>/fold<k> (ARCHITECTURE.md's workdir contract)."""
   return Path(workdir) / 'runs' / config.method / f'fold{int(fold)}'
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-  """The training-stream seed of one epoch: a 31-bit hash of (seed, epoch)."""
-  digest = hashlib.sha256(f'{int(seed)}:{int(epoch)}'.encode()).digest()
-  return int.from_bytes(digest[:4], 'little') >> 1
-
-
 # --- compiled steps -----------------------------------------------------------------------------
-
-@jax.jit
-def _all_finite(tree):
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
 
 _STEP_CACHE = {}
 # config.train keys that only the loop reads: changing them does not change a compiled step.
@@ -106,45 +97,6 @@ def _host_rows(x, mesh) -> np.ndarray:
   """This process's rows of a data-sharded output (all rows on a single host)."""
   return np.asarray(multihost_utils.global_array_to_host_local_array(
       x, mesh, jax.sharding.PartitionSpec(sharding_lib.DATA_AXIS)))
-
-
-# --- logging ------------------------------------------------------------------------------------
-
-class _Log:
-  """metrics.jsonl + TensorBoard on process 0; a no-op elsewhere."""
-
-  def __init__(self, directory: Path, enabled: bool):
-    self.enabled = enabled
-    self._writer = None
-    if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(str(directory))
-      self._jsonl = open(directory / METRICS_NAME, 'a', encoding='utf-8')
-
-  def event(self, kind: str, step: int, scalars=None, tb_prefix=None, **fields):
-    if not self.enabled:
-      return
-    scalars = {k: float(v) for k, v in (scalars or {}).items()}
-    record = {'event': kind, 'step': int(step), 'time': round(time.time(), 3), **fields,
-              **scalars}
-    self._jsonl.write(json.dumps(record, default=str) + '\n')
-    self._jsonl.flush()
-    if tb_prefix:
-      for name, value in scalars.items():
-        self._writer.add_scalar(f'{tb_prefix}/{name}', value, int(step))
-      self._writer.flush()
-
-  def close(self):
-    if self.enabled:
-      self._writer.close()
-      self._jsonl.close()
-
-
-def _nonfinite_terms(host_metrics) -> list:
-  bad = [k for k, v in host_metrics.items() if not np.all(np.isfinite(v))]
-  order = {k: i for i, k in enumerate(_TERM_ORDER)}
-  return sorted(bad, key=lambda k: (order.get(k.split('_l')[0] if k.startswith('sim_l') else k,
-                                              len(order)), k))
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -269,7 +221,7 @@ def train_and_evaluate(config, workdir, fold: int, *, stop_after_epochs: Optiona
   steps = _steps(config, mesh, total_steps)
   ckpt = checkpoints_lib.Checkpointer(out_dir / 'checkpoints',
                                       max_to_keep=int(t.keep_checkpoints))
-  log = _Log(out_dir, is_main)
+  log = run_log.RunLog(out_dir, is_main)
   try:
     restored = ckpt.restore_latest(_abstract_state(config, mesh))
     if restored is None:
@@ -335,7 +287,7 @@ def _train_epoch(config, data_dir, fold, train_fn, state, epoch, mesh, log, batc
                                      seed=epoch_seed(config.seed, epoch))
 
   def check(step, host_metrics):
-    bad = _nonfinite_terms(host_metrics)
+    bad = run_log.nonfinite_terms(host_metrics, _TERM_ORDER)
     if bad:
       err = TrainingDiverged(step, bad, out_dir, ckpt.latest_step())
       log.event('diverged', step, epoch=epoch, terms=bad, message=str(err))
@@ -370,7 +322,7 @@ def _train_epoch(config, data_dir, fold, train_fn, state, epoch, mesh, log, batc
         log.event('train', step + 1, scalars, tb_prefix='train', epoch=epoch + 1)
         bar.set_postfix(loss=f'{scalars["loss"]:.4f}')
         pending, window, window_start = None, [], time.perf_counter()
-    if not bool(_all_finite(state.params)):
+    if not bool(run_log.all_finite(state.params)):
       check(epoch * spe + spe - 1, {'params': np.nan})
   finally:
     bar.close()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks.pipeline import toy_prepared_cohort
-from clfc_jax import checkpoints, input_pipeline, sharding, trainer
+from clfc_jax import checkpoints, input_pipeline, run_log, sharding, trainer
 from configs import default
 from data_prep import tfds_builders
 
@@ -171,8 +171,9 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tm
 
 def test_divergence_names_the_loss_term_before_the_sum():
   nan = np.float32(np.nan)
-  terms = trainer._nonfinite_terms({'loss': nan, 'grad_norm': nan, 'sim_l1': nan,
-                                    'dice_loss': nan, 'ce': np.float32(0.5), 'lr': 0.01})
+  terms = run_log.nonfinite_terms({'loss': nan, 'grad_norm': nan, 'sim_l1': nan,
+                                   'dice_loss': nan, 'ce': np.float32(0.5), 'lr': 0.01},
+                                  trainer._TERM_ORDER)
   assert terms == ['dice_loss', 'sim_l1', 'loss', 'grad_norm']
 
 
