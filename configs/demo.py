@@ -32,4 +32,8 @@ def get_config(method='clfc'):
   c.train.steps_per_epoch = 100
   c.train.batch_size = 8
   c.data.val_fraction = 0.2  # 3 validation patients: a steadier best-checkpoint choice.
+  # The authors' code trains -Dice + CE. Dice alone (the paper) can saturate the softmax in a
+  # short small-width run (seen once: clfc stuck at Dice loss 1.0 from epoch 3 on); CE keeps
+  # a gradient there. Every method of the demo gets the same loss.
+  c.loss.ce_weight = 1.0
   return default.apply_method(c, method or 'clfc')
