@@ -14,22 +14,10 @@ import numpy as np
 
 
 def tiny_config(process_id: int, port: int):
-  from configs import default  # pylint: disable=g-import-not-at-top
-  c = default.get_config()
-  default.apply_method(c, 'baseline1')
-  c.model.width = 0.125
-  c.prep.crop_hw = (32, 32)
-  c.data.k = 1
-  c.data.num_folds = 3
-  c.data.val_fraction = 0.25
-  c.data.shuffle_buffer = 32
-  c.train.batch_size = 4
-  c.train.val_batch_size = 8
-  c.train.epochs = 2
+  from tiny_configs import tiny_train_config  # pylint: disable=g-import-not-at-top
+  c = tiny_train_config()
   c.train.steps_per_epoch = 2
   c.train.log_every_steps = 1
-  c.train.rng_impl = 'rbg'
-  c.train.cheap_cpu_compile = True
   c.train.distributed = True
   c.train.coordinator_address = f'127.0.0.1:{port}'
   c.train.num_processes = 2

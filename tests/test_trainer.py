@@ -13,27 +13,13 @@ from benchmarks.pipeline import toy_prepared_cohort
 from clfc_jax import checkpoints, input_pipeline, run_log, sharding, trainer
 from configs import default
 from data_prep import tfds_builders
+from tiny_configs import tiny_train_config
 
 FOLD = 0
 
 
 def tiny_config():
-  c = default.get_config()
-  default.apply_method(c, 'baseline1')
-  c.model.width = 0.125
-  c.prep.crop_hw = (32, 32)
-  c.data.k = 1
-  c.data.num_folds = 3
-  c.data.val_fraction = 0.25
-  c.data.shuffle_buffer = 32
-  c.train.batch_size = 4
-  c.train.val_batch_size = 8
-  c.train.epochs = 2
-  c.train.steps_per_epoch = 3
-  c.train.log_every_steps = 2
-  c.train.rng_impl = 'rbg'
-  c.train.cheap_cpu_compile = True
-  return c
+  return tiny_train_config()
 
 
 @pytest.fixture(scope='module')
