@@ -11,7 +11,6 @@ import pytest
 
 from benchmarks.pipeline import toy_prepared_cohort
 from clfc_jax import checkpoints, input_pipeline, run_log, sharding, trainer
-from configs import default
 from data_prep import tfds_builders
 from tiny_configs import tiny_train_config
 
