@@ -2,9 +2,11 @@
 
 usage: python -m benchmarks.train_step [--batch 4 --h 192 --w 160 --k 2 --method clfc
                                         --dtype float32 --width 1 --steps 5 --torch --breakdown]
-prints: one JSON line (compile seconds, median step seconds, slices/s, and with --torch the
-PyTorch reference's step time and the ratio), also appended to benchmarks/results/train_step.jsonl
-with the machine it ran on and its load average (other processes skew CPU timings).
+       python -m benchmarks.train_step --search-max-batch   # largest B that fits (GPU)
+prints: one JSON line (compile seconds, median step seconds, slices/s, model FLOPs per step from
+XLA's cost analysis, peak memory, MFU, and with --torch the PyTorch reference's step time and
+the ratio), also appended to benchmarks/results/train_step.jsonl with the machine it ran on and
+its load average (other processes skew CPU timings).
 """
 import argparse
 import collections
@@ -23,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from benchmarks import machine
 from clfc_jax import sharding
 from clfc_jax import train
 from clfc_jax.losses import segmentation_loss
@@ -52,6 +55,15 @@ def parse_args(argv=None):
                        'and report the most expensive XLA ops')
   ap.add_argument('--torch', action='store_true', help='also run the PyTorch reference')
   ap.add_argument('--torch-script', default=str(TORCH_REFERENCE))
+  ap.add_argument('--channels-last', default='auto', choices=('auto', 'yes', 'no'),
+                  help='PyTorch --channels-last: auto = on a GPU only')
+  ap.add_argument('--cpu-peak-gflops', type=float, default=0.0,
+                  help="this CPU's peak GFLOP/s for MFU (default: MFU is null on CPUs)")
+  ap.add_argument('--search-max-batch', action='store_true',
+                  help='only find the largest batch that fits (doubling from --batch until '
+                       'the device runs out of memory) and print it')
+  ap.add_argument('--max-batch-limit', type=int, default=4096,
+                  help='stop the search here (a CPU never runs out of memory politely)')
   ap.add_argument('--results', default=str(RESULTS), help="JSONL to append to; '' = none")
   return ap.parse_args(argv)
 
@@ -171,6 +183,80 @@ def profile_step(compiled, state, batch, directory, top=12):
                  'top_scopes_ms': rounded(per_scope), 'top_ops_ms': rounded(per_op)}
 
 
+def model_flops(compiled, num_devices: int):
+  """FLOPs of one step from XLA's cost analysis, or None when this backend gives none.
+
+  The compiled program is the per-device (SPMD-partitioned) one, so its count is multiplied
+  by the number of devices. Older jax versions return a list of one dict per program.
+  """
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) * num_devices if flops and flops > 0 else None
+
+
+def peak_memory(compiled, devices):
+  """(peak bytes on the busiest device, how it was measured).
+
+  GPUs report the allocator's peak since the process started (run one configuration per
+  process); XLA:CPU has no allocator statistics, so there it is the compiled program's
+  argument + output + temporary buffers (aliased donated buffers counted once).
+  """
+  stats = [d.memory_stats() or {} for d in devices]
+  peaks = [s['peak_bytes_in_use'] for s in stats if 'peak_bytes_in_use' in s]
+  if peaks:
+    return int(max(peaks)), 'device.memory_stats peak_bytes_in_use'
+  try:
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
+             m.alias_size_in_bytes)
+    return int(total), 'compiled.memory_analysis argument+output+temp-alias (per device)'
+  except Exception:  # pylint: disable=broad-except
+    return None, 'unavailable'
+
+
+def is_out_of_memory(error: Exception) -> bool:
+  text = str(error)
+  return 'RESOURCE_EXHAUSTED' in text or 'out of memory' in text.lower()
+
+
+def fits(args, batch_size: int) -> bool:
+  """Whether one train step at this batch compiles and runs; False only on out-of-memory."""
+  trial = argparse.Namespace(**{**vars(args), 'batch': batch_size})
+  config = make_config(trial)
+  mesh = sharding.make_mesh()
+  steps = train.make_jitted_steps(config, mesh, segmenter.build_segmenter(config))
+  try:
+    state = steps.init(jax.random.key(config.seed))
+    batch = sharding.global_batch(synthetic_batch(config, batch_size), mesh)
+    jax.block_until_ready(steps.train(state, batch))
+    return True
+  except Exception as e:  # pylint: disable=broad-except
+    if is_out_of_memory(e):
+      return False
+    raise
+  finally:
+    state = batch = None
+    jax.clear_caches()
+
+
+def largest_batch(args) -> dict:
+  """Doubles the batch from args.batch while a step fits; the largest that did, and the trials."""
+  tried, best, b = {}, None, args.batch
+  while b <= args.max_batch_limit:
+    print(f'train_step: trying batch {b}', file=sys.stderr, flush=True)
+    tried[b] = fits(args, b)
+    if not tried[b]:
+      break
+    best, b = b, 2 * b
+  return {'max_batch': best, 'tried': {str(k): v for k, v in tried.items()},
+          'hit_limit': b > args.max_batch_limit}
+
+
 def run_torch(args, config):
   stack = 2 * config.data.k + 1
   cmd = [sys.executable, args.torch_script, '--batch', str(args.batch), '--h', str(args.h),
@@ -178,6 +264,9 @@ def run_torch(args, config):
          '--norm-ch', str(stack), '--steps', str(args.steps)]
   if args.dtype == 'bfloat16':
     cmd.append('--amp')
+  on_gpu = jax.default_backend() == 'gpu'
+  if args.channels_last == 'yes' or (args.channels_last == 'auto' and on_gpu):
+    cmd.append('--channels-last')
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -193,14 +282,35 @@ def run_torch(args, config):
 
 def machine_info():
   dev = jax.devices()[0]
-  return {'platform': platform.platform(), 'cpu_count': os.cpu_count(),
-          'jax': jax.__version__, 'backend': jax.default_backend(),
-          'device_kind': dev.device_kind, 'device_count': jax.device_count(),
-          'loadavg_1m': round(os.getloadavg()[0], 2)}
+  info = machine.describe()
+  info.update({'platform': platform.platform(), 'cpu_count': os.cpu_count(),
+               'jax': jax.__version__, 'backend': jax.default_backend(),
+               'device_kind': dev.device_kind, 'device_count': jax.device_count(),
+               'loadavg_1m': round(os.getloadavg()[0], 2)})
+  return info
 
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.search_max_batch:
+    result = {'impl': 'jax', 'method': args.method, 'hw': [args.h, args.w], 'k': args.k,
+              'width': args.width, 'dtype': args.dtype, **largest_batch(args),
+              'machine': machine_info()}
+    print(json.dumps(result))
+    return result
+  result = measure(args)
+  line = json.dumps(result)
+  print(line)
+  if args.results:
+    path = Path(args.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open('a') as f:
+      f.write(line + '\n')
+  return result
+
+
+def measure(args) -> dict:
+  """Compiles and times the train step (and optionally the reference); the result record."""
   config = make_config(args)
   mesh = sharding.make_mesh()
   model = segmenter.build_segmenter(config)
@@ -236,6 +346,7 @@ def main(argv=None):
             'step_cpu_s': round(statistics.median(cpu_times), 4),
             'slices_per_s': round(args.batch / step_s, 2),
             'loss': float(metrics['loss'])}
+  result.update(efficiency(args, compiled, mesh, step_s))
   if args.profile:
     state, result['profile'] = profile_step(compiled, state, batch, args.profile)
   if args.breakdown:
@@ -248,14 +359,21 @@ def main(argv=None):
       result['torch_over_jax_cpu'] = round(ref['cpu_per_step_upper_s'] / result['step_cpu_s'], 2)
   result['machine'] = machine_info()
   result['time'] = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
-  line = json.dumps(result)
-  print(line)
-  if args.results:
-    path = Path(args.results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open('a') as f:
-      f.write(line + '\n')
   return result
+
+
+def efficiency(args, compiled, mesh, step_s) -> dict:
+  """Model FLOPs per step, peak memory and MFU (FLOP/s achieved over the devices' peak)."""
+  devices = list(mesh.devices.flat)
+  flops = model_flops(compiled, len(devices))
+  mem, mem_source = peak_memory(compiled, devices)
+  peak = machine.peak_flops(devices[0].device_kind, args.dtype, args.cpu_peak_gflops)
+  mfu = flops / step_s / (peak * len(devices)) if flops and peak else None
+  return {'devices': len(devices), 'flops_per_step': flops,
+          'tflops_per_s': round(flops / step_s / 1e12, 4) if flops else None,
+          'peak_memory_bytes': mem, 'peak_memory_source': mem_source,
+          'max_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          'device_peak_flops': peak, 'mfu': round(mfu, 4) if mfu is not None else None}
 
 
 if __name__ == '__main__':
