@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import json
 import platform
+import subprocess
 import sys
 import time
 from typing import Optional
@@ -72,3 +74,21 @@ def describe(with_jax: bool = True) -> dict:
                 device_count=len(devices),
                 gpus=[d.device_kind for d in devices if d.platform == 'gpu'])
   return info
+
+
+_PROBE = ('import json, jax; d = jax.devices(); print(json.dumps({"backend": jax.default_backend(), '
+          '"device_kind": d[0].device_kind, "device_count": len(d), '
+          '"gpus": [x.device_kind for x in d if x.platform == "gpu"]}))')
+
+
+def probe_devices() -> dict:
+  """jax's backend and devices, asked in a child process.
+
+  The suite's parent process never starts a jax backend itself: on a GPU it would hold memory
+  (XLA preallocates most of it) that the measured child processes need.
+  """
+  done = subprocess.run([sys.executable, '-c', _PROBE], capture_output=True, text=True,
+                        check=False)
+  if done.returncode:
+    return {'backend': 'unavailable', 'error': (done.stderr.strip().splitlines() or [''])[-1]}
+  return json.loads(done.stdout.strip().splitlines()[-1])
