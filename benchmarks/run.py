@@ -1,0 +1,258 @@
+"""The benchmark suite: train step, whole-patient inference, input pipeline, data prep, scaling.
+
+usage: python -m benchmarks.run [--suite train_step,inference,pipeline,prep,scaling]
+                                [--dtype fp32|bf16] [--methods clfc,baseline1,baseline2]
+                                [--quick] [--out benchmarks/results]
+writes benchmarks/results/<suite>.json and benchmarks/results/summary.md (a Markdown table per
+suite under a description of the machine). Every measurement runs in a child process, so one
+configuration's compile caches and peak memory do not leak into the next; this process never
+starts a jax backend (on a GPU it would hold memory the children need). Suites whose libraries
+are missing (TensorFlow on a GPU box) are recorded as skipped, never crash the run.
+Progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+import threading
+from typing import Optional
+
+from benchmarks import machine
+from benchmarks import scaling
+from benchmarks import tables
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / 'benchmarks' / 'results'
+SUITES = tuple(tables.SECTIONS)
+# Import names each suite needs beyond jax/flax/optax (the train step and scaling need none).
+REQUIRES = {'pipeline': ('tensorflow', 'tensorflow_datasets'),
+            'prep': ('SimpleITK', 'nibabel', 'nilearn'),
+            'inference': ('SimpleITK', 'nibabel', 'nilearn')}
+DTYPES = {'fp32': 'float32', 'float32': 'float32', 'bf16': 'bfloat16', 'bfloat16': 'bfloat16'}
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--suite', default=','.join(SUITES), help='comma-separated, from ' +
+                  ','.join(SUITES))
+  ap.add_argument('--dtype', default='fp32', choices=tuple(DTYPES),
+                  help='activations of the train step / inference (bf16 = config.model.dtype '
+                       'bfloat16; PyTorch then runs --amp)')
+  ap.add_argument('--methods', default='clfc,baseline1,baseline2')
+  ap.add_argument('--batch', type=int, default=4)
+  ap.add_argument('--h', type=int, default=192)
+  ap.add_argument('--w', type=int, default=160)
+  ap.add_argument('--k', type=int, default=2)
+  ap.add_argument('--width', type=float, default=1.0)
+  ap.add_argument('--steps', type=int, default=5, help='timed train steps per configuration')
+  ap.add_argument('--torch', default='auto', choices=('auto', 'no'),
+                  help='auto: the PyTorch reference beside clfc when torch is installed')
+  ap.add_argument('--search-max-batch', default='auto', choices=('auto', 'yes', 'no'),
+                  help='largest batch that fits: auto = on a GPU only')
+  ap.add_argument('--cpu-peak-gflops', type=float, default=0.0,
+                  help="this CPU's peak GFLOP/s, for an MFU on CPUs")
+  ap.add_argument('--pipeline-seconds', type=float, default=20.0)
+  ap.add_argument('--prep-repeats', type=int, default=2)
+  ap.add_argument('--prep-cohort', type=int, default=4)
+  ap.add_argument('--inference-cases', type=int, default=2,
+                  help='patients timed (the first includes compilation)')
+  ap.add_argument('--scaling-counts', default='1,2,4,8')
+  ap.add_argument('--quick', action='store_true',
+                  help='smoke run: width 0.25, 96x80, 2 steps, fewer repeats (not for numbers)')
+  ap.add_argument('--out', default=str(RESULTS))
+  args = ap.parse_args(argv)
+  args.dtype = DTYPES[args.dtype]
+  unknown = set(args.suite.split(',')) - set(SUITES)
+  if unknown:
+    ap.error(f'unknown suite(s) {sorted(unknown)}; choose from {SUITES}')
+  if args.quick:
+    args.width, args.h, args.w, args.steps = 0.25, 96, 80, 2
+    args.pipeline_seconds, args.prep_repeats, args.prep_cohort = 5.0, 1, 0
+    args.scaling_counts = '1,2'
+  return args
+
+
+def log(message: str) -> None:
+  print(f'benchmarks.run: {message}', file=sys.stderr, flush=True)
+
+
+def module_available(name: str) -> bool:
+  return importlib.util.find_spec(name) is not None
+
+
+def missing_requirement(suite: str) -> Optional[str]:
+  """'<module> not installed' for the first library the suite lacks, else None."""
+  for name in REQUIRES.get(suite, ()):
+    if not module_available(name):
+      return f'{name.lower()} not installed'
+  return None
+
+
+def child(module: str, argv, env: Optional[dict] = None) -> dict:
+  """Runs `python -m module argv`; its last stdout line as JSON, or {'error': ...}.
+
+  The child's stderr (progress) is passed through as it comes and its tail kept for errors.
+  """
+  env = dict(os.environ, **(env or {}))
+  env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH', '')]))
+  cmd = [sys.executable, '-m', module, *map(str, argv)]
+  log(' '.join(cmd[1:]))
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env, cwd=REPO)
+  tail = []
+
+  def pump():
+    for line in proc.stderr:
+      sys.stderr.write(line)
+      tail[:] = (tail + [line.rstrip()])[-20:]
+  reader = threading.Thread(target=pump, daemon=True)
+  reader.start()
+  stdout = proc.stdout.read()
+  proc.wait()
+  reader.join()
+  lines = [l for l in stdout.strip().splitlines() if l.startswith('{') or l.startswith('[')]
+  if proc.returncode or not lines:
+    errors = [l for l in tail if 'Error' in l or 'error' in l] or tail or ['no output']
+    return {'error': f'{module} exited {proc.returncode}: {errors[-1]}'}
+  return json.loads(lines[-1])
+
+
+def _step_argv(args, method: str, batch: int) -> list:
+  return ['--method', method, '--batch', batch, '--h', args.h, '--w', args.w, '--k', args.k,
+          '--width', args.width, '--dtype', args.dtype, '--steps', args.steps,
+          '--cpu-peak-gflops', args.cpu_peak_gflops, '--results', '']
+
+
+def train_step_suite(args, devices: dict) -> dict:
+  """Per method: B=args.batch (clfc beside PyTorch) and, on a GPU, the largest B that fits."""
+  search = args.search_max_batch == 'yes' or (args.search_max_batch == 'auto' and
+                                              devices.get('backend') == 'gpu')
+  torch_skip = ('torch not installed' if not module_available('torch') else
+                'disabled (--torch no)' if args.torch == 'no' else None)
+  rows = []
+  for method in args.methods.split(','):
+    with_torch = method == 'clfc' and torch_skip is None
+    row = child('benchmarks.train_step', _step_argv(args, method, args.batch) +
+                (['--torch'] if with_torch else []))
+    row.setdefault('method', method)
+    row.setdefault('batch', args.batch)
+    if method == 'clfc' and torch_skip:
+      row['note'] = f'PyTorch reference: {torch_skip}'
+    rows.append(row)
+    if not search:
+      rows.append({'method': method, 'batch': 'max', 'note': 'not searched on CPU'})
+      continue
+    found = child('benchmarks.train_step', _step_argv(args, method, args.batch) +
+                  ['--search-max-batch'])
+    best = found.get('max_batch')
+    if not best:
+      rows.append({'method': method, 'batch': 'max',
+                   'error': found.get('error', f'batch {args.batch} does not fit')})
+      continue
+    big = child('benchmarks.train_step', _step_argv(args, method, best))
+    big.setdefault('method', method)
+    big.setdefault('batch', best)
+    big['note'] = ('largest B that fits (doubling until out of memory; tried '
+                   f"{found.get('tried')}{', search limit hit' if found.get('hit_limit') else ''})")
+    rows.append(big)
+  return {'suite': 'train_step', 'rows': rows,
+          'config': {'hw': [args.h, args.w], 'k': args.k, 'width': args.width,
+                     'dtype': args.dtype, 'steps': args.steps, 'methods': args.methods}}
+
+
+def _step_demand(results: dict) -> Optional[float]:
+  """Slices/s the train step consumes: clfc at the base batch from this run, if measured."""
+  rows = [r for r in results.get('train_step', {}).get('rows', []) if r.get('slices_per_s')]
+  rows.sort(key=lambda r: (r.get('method') != 'clfc', r.get('note') is not None))
+  return rows[0]['slices_per_s'] if rows else None
+
+
+def pipeline_suite(args, results: dict) -> dict:
+  out = Path(args.out) / 'pipeline.rows.tmp'
+  done = child('benchmarks.pipeline', ['--sizes', 'demo,full', '--seconds',
+                                       args.pipeline_seconds, '--out', out])
+  if 'error' in done:
+    return {'suite': 'pipeline', 'error': done['error'], 'rows': []}
+  rows = json.loads(out.read_text())
+  out.unlink()
+  demand = _step_demand(results)
+  for row in rows:
+    row['demand_slices_per_s'] = demand
+    row['headroom'] = round(row['slices_per_s'] / demand, 2) if demand else None
+  return {'suite': 'pipeline', 'rows': rows,
+          'demand_from': 'train_step suite of this run (clfc)' if demand else 'not measured'}
+
+
+def prep_suite(args) -> dict:
+  out = Path(args.out) / 'prep.json'
+  done = child('benchmarks.prep', ['--repeats', args.prep_repeats, '--cohort', args.prep_cohort,
+                                   '--out', out])
+  return done if 'error' in done else json.loads(out.read_text())
+
+
+def inference_suite(args) -> dict:
+  return child('benchmarks.inference', ['--cases', args.inference_cases, '--dtype', args.dtype,
+                                        '--out', ''] + (['--quick'] if args.quick else []))
+
+
+def scaling_suite(args, devices: dict) -> dict:
+  ns = scaling.parse_args(['--counts', args.scaling_counts, '--dtype', args.dtype,
+                           '--steps', str(max(args.steps, 1)), '--out', ''])
+  return scaling.run(ns, devices)
+
+
+def run_suite(name: str, args, devices: dict, results: dict) -> dict:
+  """One suite's record; its 'machine' is this machine as the suite started (time, load)."""
+  at_start = dict(machine.describe(with_jax=False), **devices)
+  log(f'suite {name} (load {at_start["loadavg_1m"]})')
+  skip = missing_requirement(name)
+  if skip:
+    log(f'{name}: skipped ({skip})')
+    result = {'suite': name, 'skipped': skip}
+  elif name == 'train_step':
+    result = train_step_suite(args, devices)
+  elif name == 'pipeline':
+    result = pipeline_suite(args, results)
+  elif name == 'prep':
+    result = prep_suite(args)
+  elif name == 'inference':
+    result = inference_suite(args)
+  else:
+    result = scaling_suite(args, devices)
+  result.setdefault('suite', name)
+  own = {k: v for k, v in result.get('machine', {}).items() if k not in ('time', 'loadavg_1m')}
+  result['machine'] = dict(at_start, **own)
+  return result
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  devices = machine.probe_devices()
+  start = dict(machine.describe(with_jax=False), **devices)
+  log(f"{start['cpu_model']} x{start['cpu_count']}, backend {devices.get('backend')}, "
+      f"load {start['loadavg_1m']}")
+  results = {}
+  for name in args.suite.split(','):
+    results[name] = run_suite(name, args, devices, results)
+    (out / f'{name}.json').write_text(json.dumps(results[name], indent=1))
+  # The summary shows every suite result in the folder: this run's and earlier ones (each
+  # section says when it ran).
+  every = {}
+  for name in SUITES:
+    path = out / f'{name}.json'
+    if path.exists():
+      every[name] = json.loads(path.read_text())
+  (out / 'summary.md').write_text(tables.summary_markdown(every, start))
+  log(f'wrote {out}/summary.md')
+  return results
+
+
+if __name__ == '__main__':
+  main()
