@@ -63,8 +63,10 @@ def measure_devices(config, devices, steps: int = 3):
   from benchmarks.train_step import synthetic_batch  # pylint: disable=g-import-not-at-top
   from clfc_jax import sharding, train  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(devices)
-  fns = train.make_jitted_steps(config, mesh)
-  state = fns.init(jax.random.key(config.seed))
+  cheap = config.train.get('cheap_cpu_compile', False) and devices[0].platform == 'cpu'
+  fns = train.make_jitted_steps(config, mesh,
+                                compiler_options=train.CHEAP_CPU_COMPILE if cheap else None)
+  state = fns.init(jax.random.key(config.seed, impl=config.train.get('rng_impl', None)))
   batch = sharding.global_batch(synthetic_batch(config, config.train.batch_size), mesh)
   t0 = time.perf_counter()
   compiled = fns.train.lower(state, batch).compile()

@@ -1,0 +1,77 @@
+"""The benchmark suite at tiny size: real steps, real cost analysis, real sharded runs."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import machine
+from benchmarks import run
+from benchmarks import scaling
+from benchmarks import train_step
+
+TINY = ['--method', 'baseline1', '--width', '0.125', '--h', '32', '--w', '32', '--k', '1',
+        '--batch', '4', '--steps', '1']
+
+
+def test_train_step_measures_flops_memory_and_mfu():
+  args = train_step.parse_args(TINY + ['--results', '', '--cpu-peak-gflops', '50'])
+  result = train_step.measure(args)
+  assert result['step_s'] > 0 and result['compile_s'] > 0
+  assert result['devices'] == jax.device_count()
+  # XLA's count exceeds the forward pass's lower bound: every conv weight meets at least the
+  # 4x4 pixels of the deepest (1/8) level of each of the 4 slices, 2 FLOPs a time.
+  assert result['flops_per_step'] > 2 * result['params'] * 4 * 16
+  assert result['peak_memory_bytes'] > 2 * 4 * result['params']   # params + momentum
+  expected_mfu = result['flops_per_step'] / result['step_s'] / (50e9 * result['devices'])
+  assert result['mfu'] == pytest.approx(expected_mfu, rel=0.01, abs=1e-4)
+  # Existing keys that other tools read stay.
+  for key in ('init_s', 'compile_cpu_s', 'step_min_s', 'step_cpu_s', 'slices_per_s', 'loss',
+              'machine', 'time'):
+    assert key in result
+
+
+def test_device_peaks_by_kind():
+  assert machine.peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.4e12
+  assert machine.peak_flops('NVIDIA H100 PCIe', 'bfloat16') == 756.5e12
+  assert machine.peak_flops('NVIDIA H200', 'float32') == machine.peak_flops('H100', 'float32')
+  assert machine.peak_flops('cpu', 'float32') is None
+  assert machine.peak_flops('cpu', 'float32', cpu_peak_gflops=100) == 100e9
+
+
+def test_sharded_step_matches_one_device():
+  args = scaling.parse_args(['--method', 'baseline1', '--width', '0.125', '--h', '32', '--w',
+                             '32', '--k', '1', '--batch', '4', '--steps', '1'])
+  config = scaling.step_config(args)
+  config.train.cheap_cpu_compile = True
+  config.train.rng_impl = 'rbg'
+  runs = [scaling.measure_devices(config, jax.devices()[:n], steps=1) for n in (1, 2)]
+  rows = scaling.compare(runs)
+  assert [r['devices'] for r in rows] == [1, 2]
+  assert rows[0]['params_max_abs_diff'] == 0.0
+  assert rows[1]['loss_abs_diff'] < 1e-4
+  assert rows[1]['params_max_abs_diff'] < 1e-4
+  # One step moved the parameters much further than the two runs differ.
+  assert np.max(np.abs(runs[1][2])) > 0 and rows[1]['step_s'] > 0
+
+
+def test_suite_writes_results_and_skips_what_is_missing(tmp_path, monkeypatch):
+  real = run.module_available
+  monkeypatch.setattr(run, 'module_available',
+                      lambda name: name not in ('tensorflow', 'SimpleITK') and real(name))
+  argv = ['--suite', 'train_step,pipeline,prep', '--methods', 'baseline1', '--width', '0.125',
+          '--h', '32', '--w', '32', '--k', '1', '--steps', '1', '--torch', 'no',
+          '--out', str(tmp_path)]
+  results = run.main(argv)
+  step = json.loads((tmp_path / 'train_step.json').read_text())
+  measured = step['rows'][0]
+  assert measured['method'] == 'baseline1' and measured['step_s'] > 0
+  assert measured['flops_per_step'] > 0
+  assert step['rows'][1]['note'] == 'not searched on CPU'
+  assert results['pipeline']['skipped'] == 'tensorflow not installed'
+  assert results['prep']['skipped'] == 'simpleitk not installed'
+  assert json.loads((tmp_path / 'pipeline.json').read_text())['machine']['cpu_count'] > 0
+  summary = (tmp_path / 'summary.md').read_text()
+  assert 'skipped: tensorflow not installed' in summary
+  assert f"| baseline1 | 4 | {measured['step_s']:.4g} |" in summary
+  assert machine.cpu_model() in summary
