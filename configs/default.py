@@ -164,6 +164,14 @@ def get_config():
   e.tta = False              # mirroring test-time augmentation.
   e.threshold = 0.5          # on the native-space foreground probability (after linear resampling).
   e.wt_label = 1             # label value of whole tumor in the written predictions (BraTS style).
+
+  c.report = r = ml_collections.ConfigDict()
+  r.figures = True           # Figs. 2-4, pseudo-normal examples, training curves (report/figures/).
+  r.figure_patients = 3      # test patients shown (best, median, worst clfc Dice).
+  r.feature_level = 1        # Fig. 3's decoder level: 0 = 1/8 resolution .. 3 = full.
+  r.feature_slices = 4       # axial slices per patient (through the tumor) for Figs. 3 and 4.
+  r.feature_points = 1500    # at most this many points per region and feature map in Fig. 3.
+  r.dpi = 100
   return c
 
 
