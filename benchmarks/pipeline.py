@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,6 +94,8 @@ def run(sizes=('demo', 'full'), seconds: float = 20.0, num_cases: int = 6, z: in
     config.data.num_folds = 3
     config.train.batch_size = 4   # the paper's batch: the train step's demand per step.
     with tempfile.TemporaryDirectory() as tmp:
+      print(f'pipeline: {size} size {tuple(config.prep.crop_hw)}: toy cohort and shards',
+            file=sys.stderr, flush=True)
       work = Path(tmp)
       ids = toy_prepared_cohort(work / 'prep', num_cases=num_cases, z=z,
                                 hw=tuple(config.prep.crop_hw),

@@ -165,11 +165,14 @@ def train_step_suite(args, devices: dict) -> dict:
                      'dtype': args.dtype, 'steps': args.steps, 'methods': args.methods}}
 
 
-def _step_demand(results: dict) -> Optional[float]:
-  """Slices/s the train step consumes: clfc at the base batch from this run, if measured."""
-  rows = [r for r in results.get('train_step', {}).get('rows', []) if r.get('slices_per_s')]
+def _step_demand(train_step_result: dict) -> dict:
+  """Slices/s the train step consumes per H x W (clfc at the base batch first), if measured."""
+  rows = [r for r in train_step_result.get('rows', []) if r.get('slices_per_s') and r.get('hw')]
   rows.sort(key=lambda r: (r.get('method') != 'clfc', r.get('note') is not None))
-  return rows[0]['slices_per_s'] if rows else None
+  demand = {}
+  for r in rows:
+    demand.setdefault(tuple(r['hw']), r)
+  return demand
 
 
 def pipeline_suite(args, results: dict) -> dict:
@@ -180,12 +183,20 @@ def pipeline_suite(args, results: dict) -> dict:
     return {'suite': 'pipeline', 'error': done['error'], 'rows': []}
   rows = json.loads(out.read_text())
   out.unlink()
-  demand = _step_demand(results)
+  # The demand: the train step of this run, else the last train_step suite result kept.
+  source = results.get('train_step')
+  earlier = Path(args.out) / 'train_step.json'
+  if source is None and earlier.exists():
+    source = json.loads(earlier.read_text())
+  demand = _step_demand(source or {})
   for row in rows:
-    row['demand_slices_per_s'] = demand
-    row['headroom'] = round(row['slices_per_s'] / demand, 2) if demand else None
-  return {'suite': 'pipeline', 'rows': rows,
-          'demand_from': 'train_step suite of this run (clfc)' if demand else 'not measured'}
+    step = demand.get(tuple(row['crop_hw']))
+    row['demand_slices_per_s'] = step['slices_per_s'] if step else None
+    row['headroom'] = round(row['slices_per_s'] / step['slices_per_s'], 2) if step else None
+    if step:
+      row['demand_from'] = (f"{step['method']} B={step['batch']} {step.get('dtype')}, "
+                            f"train_step suite of {source.get('machine', {}).get('time')}")
+  return {'suite': 'pipeline', 'rows': rows}
 
 
 def prep_suite(args) -> dict:

@@ -88,10 +88,11 @@ def pipeline_section(r: dict) -> str:
   table = markdown_table(r['rows'], [
       ('size', 'size'), ('H×W', 'crop_hw'), ('K', 'k'), ('channels', 'channels'),
       ('pipeline slices/s', 'slices_per_s'), ('train step demand slices/s', 'demand_slices_per_s'),
-      ('pipeline / demand', 'headroom'), ('shard build s', 'build_s')])
+      ('pipeline / demand', 'headroom'), ('shard build s', 'build_s'),
+      ('demand from', 'demand_from')])
   return ('input_pipeline.train_iterator (augmentation on, one process) vs what the train step '
-          'consumes (its batch / step time, from the train_step suite of the same run).\n\n' +
-          table)
+          'of the same H×W consumes (its batch / step time, from the train_step suite of this '
+          'run, else the last one kept).\n\n' + table)
 
 
 def prep_section(r: dict) -> str:
