@@ -165,8 +165,11 @@ def _train_step_fn(config, mesh):
       out_shardings=(repl, repl), donate_argnums=0, compiler_options=_compiler_options(config)))
 
 
-def _reconstruct_fn(config):
-  """Jitted `(enc_params, dec_params, images) -> Dec(μ(images))`, cached per model."""
+def reconstruct_fn(config):
+  """Jitted `(enc_params, dec_params, images) -> Dec(μ(images))`, cached per model.
+
+  Public: clfc_jax.segment reconstructs new patients with it.
+  """
   return _cached_fn('reconstruct', config, lambda: jax.jit(
       functools.partial(introvae_train.reconstruct, config=config),
       compiler_options=_compiler_options(config)))
@@ -340,7 +343,7 @@ def save_samples(config, wd, state, path: Path):
   finally:
     it.close()
   enc, dec = _host_params(state)
-  recon = np.asarray(_reconstruct_fn(config)(enc, dec, real))
+  recon = np.asarray(reconstruct_fn(config)(enc, dec, real))
   fake = np.asarray(_sample_fn(config, n)(dec, rng=jax.random.PRNGKey(int(config.seed))))
   fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 1.6 * 3 * hw[0] / hw[1]), squeeze=False)
   for row, (name, images) in enumerate((('real', real), ('reconstructed', recon),
@@ -434,7 +437,7 @@ def make_pseudo_normals(config, wd, *, build_shards: bool = True,
   # from the host onto this process's devices.
   enc, dec = jax.device_put(_host_params(restore_introvae(config, wd)),
                             sharding_lib.replicated(mesh))
-  recon_fn = _reconstruct_fn(config)
+  recon_fn = reconstruct_fn(config)
   modality = config.dataset.normal_modality
   mine = ids[jax.process_index()::jax.process_count()]
   written, skipped, recon_seconds = [], [], 0.0
