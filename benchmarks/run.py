@@ -133,7 +133,8 @@ def train_step_suite(args, devices: dict) -> dict:
   search = args.search_max_batch == 'yes' or (args.search_max_batch == 'auto' and
                                               devices.get('backend') == 'gpu')
   torch_skip = ('torch not installed' if not module_available('torch') else
-                'disabled (--torch no)' if args.torch == 'no' else None)
+                'disabled (--torch no)' if args.torch == 'no' else
+                'only at width 1 (its channels are fixed)' if args.width != 1.0 else None)
   rows = []
   for method in args.methods.split(','):
     with_torch = method == 'clfc' and torch_skip is None

@@ -258,6 +258,9 @@ def largest_batch(args) -> dict:
 
 
 def run_torch(args, config):
+  if args.width != 1.0 or args.method != 'clfc':
+    # The reference is the full-width CLFC network: any other ratio would compare two models.
+    return {'error': 'the PyTorch reference is the clfc network at width 1 only'}
   stack = 2 * config.data.k + 1
   cmd = [sys.executable, args.torch_script, '--batch', str(args.batch), '--h', str(args.h),
          '--w', str(args.w), '--in-ch', str(len(config.dataset.modalities) * stack),
