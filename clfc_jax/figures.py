@@ -1,11 +1,11 @@
 """The report's figures: paper Figs. 2-4, pseudo-normal examples and training curves.
 
-`plot_*` functions take plain arrays and write one PNG each; `gather_*` / `network_outputs`
-read a finished WORKDIR (predictions, prepared cases, pseudo-normals, checkpoints, logs) into
-those arrays. Axial slices are shown in radiological convention, one for every panel:
-anterior up, the patient's right on the viewer's left. A slice arrives as [H, W] with H running
-posterior -> anterior and W left -> right (the prepared MNI layout; a canonical RAS+ native
-slice transposed), and `radiological` flips both axes.
+`plot_*` functions take plain arrays, write one PNG each and return the matplotlib Figure;
+`*_row`, `feature_groups` and `network_outputs` read a finished WORKDIR (predictions,
+prepared cases, pseudo-normals, checkpoints, logs) into those arrays. Axial slices are shown
+in radiological convention, in every panel: anterior up, the patient's right on the viewer's
+left. A slice arrives as [H, W] with H running posterior -> anterior and W left -> right (the
+prepared MNI layout; a canonical RAS+ native slice transposed); `radiological` flips both axes.
 
 Figures are drawn on a bare matplotlib `Figure` (Agg canvas), never through pyplot, so nothing
 global (backend, open figures) changes in the calling process.
@@ -111,16 +111,22 @@ def _blank(ax, text):
           transform=ax.transAxes, wrap=True)
 
 
-def _save(fig, path, dpi) -> Path:
+def _save(fig, path, dpi) -> Figure:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=dpi, facecolor='white')
-  return path
+  return fig
+
+
+def panels(fig: Figure) -> list:
+  """The axes of a figure that show something (colour bars and hidden axes excluded)."""
+  return [ax for ax in fig.axes
+          if ax.get_visible() and ax.get_label() != '<colorbar>' and ax.has_data()]
 
 
 # --- Fig. 2: segmentation overlays -------------------------------------------------------------
 def plot_segmentation_overlays(rows: Sequence[Mapping], methods: Sequence[str], path,
-                               dpi: int = 100) -> Path:
+                               dpi: int = 100) -> Figure:
   """Rows: patients; columns: ground truth, then each method's prediction on the same slice.
 
   Each row: {'title', 'image' [H, W], 'truth' [H, W] bool, 'predictions': {method: [H, W]
@@ -171,7 +177,7 @@ def pca_2d(points: np.ndarray):
 
 
 def plot_feature_pca(panels: Mapping[str, Mapping], path, subtitle: str = '',
-                     dpi: int = 100) -> Path:
+                     dpi: int = 100) -> Figure:
   """One scatter per method of its ζ(F_T) / g(F_R) pixel vectors, PCA fitted per method.
 
   panels: {method: {group key of FEATURE_GROUPS: [N, C] array, 'cos_normal'?: float,
@@ -239,7 +245,7 @@ def feature_groups(zeta, g, label, brain, max_points: int, seed: int = 0) -> dic
 
 # --- Fig. 4: attention maps --------------------------------------------------------------------
 def plot_attention_maps(rows: Sequence[Mapping], path, subtitle: str = '',
-                        dpi: int = 100) -> Path:
+                        dpi: int = 100) -> Figure:
   """Rows: methods; columns: input with ground truth, A_l for each level, the prediction.
 
   Each row: {'method', 'image' [H, W], 'truth' [H, W], 'attention': [[h_l, w_l] per level],
@@ -289,7 +295,7 @@ def plot_attention_maps(rows: Sequence[Mapping], path, subtitle: str = '',
 
 
 # --- pseudo-normal examples --------------------------------------------------------------------
-def plot_pseudo_normals(rows: Sequence[Mapping], path, dpi: int = 100) -> Path:
+def plot_pseudo_normals(rows: Sequence[Mapping], path, dpi: int = 100) -> Figure:
   """Rows: patients; columns: tumor T1, pseudo-normal T1, healthy T1 (when any row has one),
   |pseudo - tumor T1| (what the IntroVAE changed) and |pseudo - healthy| (its error).
 
@@ -365,7 +371,8 @@ def _series(records, event, key, per_epoch):
   return np.asarray(xs), np.asarray(ys)
 
 
-def plot_training_curves(runs: Mapping[tuple, Sequence[Mapping]], path, dpi: int = 100) -> Path:
+def plot_training_curves(runs: Mapping[tuple, Sequence[Mapping]], path,
+                         dpi: int = 100) -> Figure:
   """Training loss terms and validation Dice vs epoch, one line per method (colour) and fold
   (line style). runs: {(method, fold): metrics.jsonl records}."""
   panels = [('train', 'loss', 'total loss'), ('train', 'dice_loss', 'Dice loss'),
@@ -413,7 +420,7 @@ def plot_training_curves(runs: Mapping[tuple, Sequence[Mapping]], path, dpi: int
 
 
 def plot_introvae_curves(records: Sequence[Mapping], path, margin: Optional[float] = None,
-                         dpi: int = 100) -> Path:
+                         dpi: int = 100) -> Figure:
   """IntroVAE losses vs epoch: encoder/decoder objectives, reconstruction MSE, the KL terms
   (with the hinge margin m, when given, that the encoder pushes the KL of fakes towards)."""
   per_epoch, xlabel = _epoch_axis(records)

@@ -22,6 +22,7 @@ import numpy as np
 
 from clfc_jax import figures
 from clfc_jax import stats
+from data_prep.case import CaseError
 
 REFERENCE_METHOD = 'clfc'
 # config.report of configs/default.py, for configs saved before it existed.
@@ -179,6 +180,9 @@ def _figure_section(ctx: ReportContext, title: str, name: str, make, caption: st
     extra = make(path) or ''
   except SkipFigure as e:
     return f'## {title}\n\n*Figure skipped: {e}.*\n'
+  except (FileNotFoundError, CaseError) as e:   # an input not in the workdir: no traceback
+    logging.warning('report: figure %s skipped: %s', name, e)
+    return f'## {title}\n\n*Figure skipped: {e}.*\n'
   except Exception as e:  # pylint: disable=broad-except
     logging.exception('report: figure %s failed', name)
     return f'## {title}\n\n*Figure skipped: {type(e).__name__}: {e}.*\n'
@@ -236,9 +240,9 @@ def section_segmentation_examples(ctx: ReportContext) -> str:
       ctx, 'Fig. 2: segmentation examples (native space)', 'fig2_segmentation', make,
       'Test patients with the best, median and worst Dice of '
       f'{by}, on the axial slice with the largest tumor cross-section, zoomed on the tumor '
-      '(FLAIR; radiological view: anterior up, patient\'s right on the left). Yellow: ground truth; cyan: each '
-      'method\'s prediction; look for tumor parts one method misses or normal tissue it '
-      'includes. Dice in the titles is patient-wise (3-D).')
+      '(FLAIR; radiological view: anterior up, patient\'s right on the left). Yellow: ground '
+      'truth; cyan: each method\'s prediction; look for tumor parts one method misses or '
+      'normal tissue it includes. Dice in the titles is patient-wise (3-D).')
 
 
 def _clfc_methods(ctx) -> list:

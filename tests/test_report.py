@@ -1,5 +1,6 @@
 """Table 1 and the index page from hand-made per-patient CSVs."""
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -98,3 +99,111 @@ def test_a_csv_in_the_wrong_place_is_refused(tmp_path):
   (tmp_path / 'eval' / 'clfc' / 'fold1' / 'per_patient.csv').write_text(src.read_text())
   with pytest.raises(ValueError, match='expected only fold 1'):
     report.write_report(_config(), tmp_path)
+
+
+def test_figures_without_their_inputs_are_skipped_with_a_note(tmp_path):
+  _write(tmp_path, _results())
+  paths = report.write_report(_config(), tmp_path)
+  index = paths['index'].read_text()
+  for title in ('Fig. 2', 'Fig. 3', 'Fig. 4', 'Pseudo-normal', 'Training curves', 'IntroVAE'):
+    section = index.split(f'## {title}')[1].split('\n## ')[0]
+    assert '*Figure skipped: ' in section and '![' not in section, title
+  assert not list((tmp_path / 'report').glob('figures/*.png'))
+  html = paths['index_html'].read_text()
+  assert '<table>' in html and 'Figure skipped' in html and '<img' not in html
+  # Tables only, on request: no figure sections at all.
+  index = report.write_report(_config(), tmp_path, with_figures=False)['index'].read_text()
+  assert 'Fig. 2' not in index and 'Table 1' in index
+
+
+# --- figures from a small real workdir ---------------------------------------------------------
+def _figure_config():
+  c = demo.get_config()
+  c.methods = ('clfc', 'baseline1', 'baseline2')
+  c.model.width = 0.125
+  c.data.k = 1
+  c.data.num_folds = 2
+  c.report.feature_slices = 2
+  c.report.figure_patients = 2
+  c.train.keep_checkpoints = 1
+  return c
+
+
+@pytest.fixture(scope='module')
+def figure_workdir(tmp_path_factory):
+  """Two prepared synthetic cases, fold 0's references, stand-in pseudo-normals, a fresh clfc
+  checkpoint and training log; eval CSVs for clfc (prediction = truth) and baseline1 (no
+  prediction files); baseline2 was never trained."""
+  from clfc_jax import checkpoints, run_log, stages, train
+  from clfc_jax.models import segmenter
+  from benchmarks import pipeline
+  from data_prep import folds, normalize, prepare, readers, store, synthetic
+  import jax
+  import shutil
+  root = tmp_path_factory.mktemp('report_figures')
+  config = _figure_config()
+  wd = stages.Workdir(root / 'work')
+  synthetic.generate_cohort(root / 'syn', 2, 0, seed=5, spacing=2.0, progress=False)
+  for case in readers.find_cases(config, root / 'syn' / 'BraTS'):
+    prepare.prepare_case(case, config, wd.prep_cases)
+  split = folds.prepared_split(wd.prep, config, 0)
+  train_ids = split['train'] + split['val']
+  refs = normalize.fit_references((store.load_prepared(wd.prep_cases, i) for i in train_ids),
+                                  config.dataset.modalities, config)
+  normalize.save_references(refs, wd.hist_refs(0), fitted_on=train_ids)
+  ids = store.prepared_ids(wd.prep_cases)
+  pipeline.write_toy_pseudo_normals(wd.prep, wd.pseudo_normal, ids)
+  model = segmenter.build_segmenter(config)
+  state = train.create_train_state(config, jax.random.key(1, impl=config.train.rng_impl), model)
+  run = wd.runs / 'clfc' / 'fold0'
+  with checkpoints.Checkpointer(run / 'checkpoints', max_to_keep=1) as ckpt:
+    ckpt.save(3, state, metrics={'val_dice': 0.5})
+    ckpt.wait()
+  log = run_log.RunLog(run, enabled=True)
+  for step in (1, 2, 3):
+    log.event('train', step, {'loss': 1.0 / step, 'dice_loss': 0.5 / step, 'sim': -0.1 * step},
+              epoch=step)
+    log.event('val', step, {'val_dice': 0.2 * step}, epoch=step)
+  log.close()
+  test_id = split['test'][0]
+  meta = store.load_prepared_meta(wd.prep_cases, test_id)
+  pred = wd.eval / 'clfc' / 'fold0' / 'predictions' / f'{test_id}_seg.nii.gz'
+  pred.parent.mkdir(parents=True)
+  shutil.copyfile(meta['label_file'], pred)
+  for method, dice in (('clfc', 0.9), ('baseline1', 0.8)):
+    stats.write_per_patient(wd.eval / method / 'fold0' / 'per_patient.csv',
+                            [{'patient': test_id, 'dice': dice, 'sensitivity': 0.9, 'hd95': 2.0,
+                              'fold': 0, 'method': method}])
+  return {'wd': wd, 'config': config, 'test_id': test_id}
+
+
+def test_report_draws_every_figure_it_has_inputs_for(figure_workdir):
+  wd, config = figure_workdir['wd'], figure_workdir['config']
+  config.methods = ('clfc', 'baseline1')
+  paths = report.write_report(config, wd.root, folds=[0])
+  index = paths['index'].read_text()
+  made = {k: p for k, p in paths.items() if k.startswith('figure_')}
+  assert set(made) == {'figure_fig2_segmentation', 'figure_fig3_feature_pca',
+                       'figure_fig4_attention', 'figure_pseudo_normals',
+                       'figure_training_curves'}
+  for path in made.values():
+    assert path.stat().st_size > 10_000 and f'](figures/{path.name})' in index
+  referenced = re.findall(r'!\[[^\]]*\]\((figures/[^)]+\.png)\)', index)
+  assert len(referenced) == len(made)
+  assert all((wd.report / r).is_file() for r in referenced)
+  # The IntroVAE never ran here: its section says so in one line.
+  introvae = index.split('## IntroVAE training')[1]
+  assert 'Figure skipped: no IntroVAE training log' in introvae
+  html = paths['index_html'].read_text()
+  assert html.count('src="data:image/png;base64,') == len(made)
+  assert '<table>' in html and '<h2>Fig. 3: CLFC feature vectors (PCA)</h2>' in html
+
+
+def test_an_untrained_method_is_left_out_of_figs_3_and_4_with_a_note(figure_workdir):
+  wd, config = figure_workdir['wd'], figure_workdir['config']
+  config.methods = ('clfc', 'baseline1', 'baseline2')
+  paths = report.write_report(config, wd.root, folds=[0], allow_missing=True)
+  index = paths['index'].read_text()
+  for title in ('Fig. 3', 'Fig. 4'):
+    section = index.split(f'## {title}')[1].split('\n## ')[0]
+    assert '![' in section and 'Baseline-2 left out' in section and 'no checkpoints' in section
