@@ -249,11 +249,12 @@ def plot_attention_maps(rows: Sequence[Mapping], path, subtitle: str = '',
   """Rows: methods; columns: input with ground truth, A_l for each level, the prediction.
 
   Each row: {'method', 'image' [H, W], 'truth' [H, W], 'attention': [[h_l, w_l] per level],
-  'prob' [H, W]}; arrays already in display order. A_l shares one 0..1 colour scale.
+  'prob' [H, W], 'means'?: [(tumor, rest of brain) per level]}; arrays already in display
+  order. A_l shares one 0..1 colour scale; the means go under each map.
   """
   num_levels = max(len(r['attention']) for r in rows)
   cols = 2 + num_levels
-  fig, axes = _grid(len(rows), cols, panel_in=2.0, extra_w=0.7)
+  fig, axes = _grid(len(rows), cols, panel_in=2.0, extra_h=0.9)
   mappable = None
   for r, row in enumerate(rows):
     image = np.asarray(row['image'], np.float32)
@@ -276,6 +277,9 @@ def plot_attention_maps(rows: Sequence[Mapping], path, subtitle: str = '',
       mappable = ax.imshow(att, cmap='viridis', vmin=0.0, vmax=1.0, extent=extent,
                            interpolation='nearest')
       _contour(ax, row['truth'], 'white', 0.8, 'dashed')
+      if row.get('means'):
+        tumor, rest = row['means'][level]
+        ax.set_xlabel(f'mean: tumor {tumor:.2f} · brain {rest:.2f}', fontsize=8)
       if r == 0:
         name = LEVEL_NAMES[level] if num_levels == len(LEVEL_NAMES) else str(level)
         ax.set_title(f'A_{level + 1} ({name}, {att.shape[0]}×{att.shape[1]})', fontsize=9)
@@ -286,8 +290,8 @@ def plot_attention_maps(rows: Sequence[Mapping], path, subtitle: str = '',
     if r == 0:
       ax.set_title('Prediction', fontsize=10)
   if mappable is not None:
-    bar = fig.colorbar(mappable, ax=axes[:, 1:1 + num_levels].ravel().tolist(), shrink=0.8,
-                       pad=0.01)
+    bar = fig.colorbar(mappable, ax=axes[:, 1:1 + num_levels].ravel().tolist(), shrink=0.5,
+                       location='bottom', aspect=40)
     bar.set_label('attention A_l', fontsize=9)
   if subtitle:
     fig.suptitle(subtitle, fontsize=10)
@@ -587,12 +591,27 @@ def network_outputs(config, workdir, method: str, cases: Sequence[tuple],
           'levels': merged_levels}
 
 
+def region_means(attention, label, brain) -> tuple:
+  """(mean A_l inside the tumor, mean A_l in the rest of the brain) of one [h, w] map, with the
+  full-resolution masks nearest-downsampled as the SimSiam mask is; NaN for an empty region."""
+  attention = np.asarray(attention, np.float32)
+  sh, sw = label.shape[0] // attention.shape[0], label.shape[1] // attention.shape[1]
+  tumor = np.asarray(label)[::sh, ::sw] > 0
+  rest = np.asarray(brain, bool)[::sh, ::sw] & ~tumor
+  mean = lambda m: float(attention[m].mean()) if m.any() else float('nan')
+  return mean(tumor), mean(rest)
+
+
 def attention_row(method: str, outputs: Mapping, index: int = 0) -> dict:
-  """Fig. 4's row of one method: slice `index` of network_outputs, in display order."""
+  """Fig. 4's row of one method: slice `index` of network_outputs, in display order, with
+  each level's region_means."""
+  maps = [lv['attention'][index, ..., 0] for lv in outputs['levels']]
   return {'method': method, 'image': radiological(outputs['image'][index]),
           'truth': radiological(outputs['label'][index] > 0),
           'prob': radiological(outputs['prob'][index]),
-          'attention': [radiological(lv['attention'][index, ..., 0]) for lv in outputs['levels']]}
+          'attention': [radiological(a) for a in maps],
+          'means': [region_means(a, outputs['label'][index], outputs['brain'][index])
+                    for a in maps]}
 
 
 def pseudo_normal_row(config, workdir, case_id: str, landmarks) -> dict:

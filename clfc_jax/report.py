@@ -327,8 +327,9 @@ def section_attention(ctx: ReportContext) -> str:
       ctx, 'Fig. 4: attention maps A_l', 'fig4_attention', make,
       'The median patient\'s MNI-space slice with the largest tumor area: the input (FLAIR) '
       'with the ground truth, the attention A_l of every decoder level from 1/8 to full '
-      'resolution (one 0-1 scale, ground truth dashed) and the prediction (cyan). A map that '
-      'singles out the tumor shows the comparison with the pseudo-normal at work.')
+      'resolution (one 0-1 scale, ground truth dashed; under each map its mean inside the '
+      'tumor and in the rest of the brain) and the prediction (cyan). A map that singles out '
+      'the tumor shows the comparison with the pseudo-normal at work.')
 
 
 def section_pseudo_normals(ctx: ReportContext) -> str:
@@ -388,8 +389,9 @@ def section_introvae(ctx: ReportContext) -> str:
       shutil.copyfile(samples, copy)
       ctx.paths['figure_introvae_samples'] = copy
       return (f'![IntroVAE samples]({FIGURES_DIR}/{copy.name})\n\nIntroVAE samples after '
-              'training (introvae/samples.png): rows are real normal slices, their '
-              'reconstructions and images decoded from random latents.')
+              'training, as the introvae stage drew them (introvae/samples.png, slices in '
+              'array order, not the radiological view of the other figures): rows are real '
+              'normal slices, their reconstructions and images decoded from random latents.')
     return ''
   return _figure_section(
       ctx, 'IntroVAE training', 'introvae_curves', make,

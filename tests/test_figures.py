@@ -125,7 +125,12 @@ def test_attention_and_pseudo_normal_figures(tmp_path):
   rows = [{'method': m, 'image': image, 'truth': truth, 'prob': truth * 0.9,
            'attention': [rng.random((24 // 2 ** (3 - l), 20 // 2 ** (3 - l))) for l in range(4)]}
           for m in ('clfc', 'baseline2')]
+  brain = np.ones((24, 20), bool)
+  att = np.where(truth, 0.9, 0.2)[::2, ::2]    # a 1/2-resolution map that marks the tumor
+  assert figures.region_means(att, truth, brain) == pytest.approx((0.9, 0.2))
+  rows[0]['means'] = [figures.region_means(a, truth, brain) for a in rows[0]['attention']]
   fig = figures.plot_attention_maps(rows, tmp_path / 'fig4.png', 'case, slice 3')
+  assert figures.panels(fig)[1].get_xlabel().startswith('mean: tumor ')
   assert len(figures.panels(fig)) == 2 * (4 + 2)
   assert any(ax.get_label() == '<colorbar>' for ax in fig.axes)
   _png(tmp_path / 'fig4.png')
