@@ -31,6 +31,8 @@ def parse_args(argv=None):
   ap.add_argument('--method', default='clfc')
   ap.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   ap.add_argument('--quick', action='store_true', help='demo configuration (smoke test)')
+  ap.add_argument('--patient-spacing', type=float, default=1.0,
+                  help='mm; the synthetic patients\' voxel size (1 = 240x240x155)')
   ap.add_argument('--out', default=str(RESULTS), help="JSON to write; '' = none")
   return ap.parse_args(argv)
 
@@ -44,12 +46,12 @@ def make_config(method: str, dtype: str, quick: bool):
   return config
 
 
-def write_patient(folder: Path, index: int):
-  """A synthetic 1 mm BraTS-like patient on disk (no label: a new patient); its Case."""
+def write_patient(folder: Path, index: int, spacing: float = 1.0):
+  """A synthetic BraTS-like patient on disk (no label: a new patient); its Case and shape."""
   from data_prep import synthetic  # pylint: disable=g-import-not-at-top
   from data_prep.case import Case, ImageRef  # pylint: disable=g-import-not-at-top
   subject = synthetic.make_tumor_subject(synthetic.subject_rng(1000 + index, 'tumor', index),
-                                         spacing=1.0)
+                                         spacing=spacing)
   case_id = synthetic.tumor_case_id(index)
   path = synthetic.write_tumor_subject(subject, case_id, folder)
   images = {m: ImageRef(path / f'{case_id}_{m}.nii.gz') for m in synthetic.MODALITIES}
@@ -65,9 +67,10 @@ class Models:
     from clfc_jax.models import segmenter  # pylint: disable=g-import-not-at-top
     self.mesh = sharding.make_mesh(jax.local_devices())
     model = segmenter.build_segmenter(config)
-    steps = train.make_jitted_steps(config, self.mesh, model)
-    self.variables = steps.init(jax.random.key(config.seed)).variables
-    self.eval_fn = steps.eval
+    self.eval_fn = train.make_jitted_steps(config, self.mesh, model).eval
+    self.variables = jax.device_put(
+        segmenter.init_variables(model, jax.random.key(config.seed), config),
+        sharding.replicated(self.mesh))
     self.eval_batch = evaluate.eval_batch_size(config, self.mesh)
     state = introvae_train.create_state(config, jax.random.PRNGKey(config.seed),
                                         tuple(config.prep.crop_hw))
@@ -131,7 +134,8 @@ def run(args) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
     print('inference: writing synthetic patients', file=sys.stderr, flush=True)
-    cases = [write_patient(tmp / 'BraTS', i) for i in range(args.cases + 1)]
+    cases = [write_patient(tmp / 'BraTS', i, args.patient_spacing)
+             for i in range(args.cases + 1)]
     shape = cases[0][1]
     # Histogram references from an extra patient (which ones does not change the speed).
     print('inference: MNI template, references, fresh models', file=sys.stderr, flush=True)
@@ -153,7 +157,8 @@ def run(args) -> dict:
   steady = per_case[1:]
   return {
       'suite': 'inference', 'method': args.method, 'dtype': args.dtype,
-      'case': f"{'x'.join(map(str, shape))} at 1 mm, {len(config.dataset.modalities)} "
+      'case': f"{'x'.join(map(str, shape))} at {args.patient_spacing:g} mm, "
+              f"{len(config.dataset.modalities)} "
               'modalities (synthetic, new patient: no label)',
       'config': {'quick': args.quick, 'mni_spacing_mm': config.prep.spacing,
                  'crop_hw': list(config.prep.crop_hw), 'k': config.data.k,
@@ -173,7 +178,10 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-  args = parse_args(argv)
+  return main_with(parse_args(argv))
+
+
+def main_with(args):
   result = run(args)
   print(json.dumps(result), flush=True)
   if args.out:

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from benchmarks import inference
 from benchmarks import machine
 from benchmarks import run
 from benchmarks import scaling
@@ -75,3 +76,13 @@ def test_suite_writes_results_and_skips_what_is_missing(tmp_path, monkeypatch):
   assert 'skipped: tensorflow not installed' in summary
   assert f"| baseline1 | 4 | {measured['step_s']:.4g} |" in summary
   assert machine.cpu_model() in summary
+
+
+def test_inference_times_every_phase_of_a_patient(tmp_path):
+  args = inference.parse_args(['--quick', '--method', 'baseline2', '--cases', '1',
+                               '--patient-spacing', '2', '--out', str(tmp_path / 'inf.json')])
+  result = inference.main_with(args)
+  assert set(result['first_case_s']) == set(inference.PHASES) | {'total'}
+  assert all(result['first_case_s'][p] > 0 for p in inference.PHASES)
+  assert result['case'].startswith('120x120x78 at 2 mm')
+  assert json.loads((tmp_path / 'inf.json').read_text())['first_case_s'] == result['first_case_s']
