@@ -64,6 +64,7 @@ def parse_args(argv=None):
   ap.add_argument('--scaling-counts', default='1,2,4,8')
   ap.add_argument('--quick', action='store_true',
                   help='smoke run: width 0.25, 96x80, 2 steps, fewer repeats (not for numbers)')
+  ap.add_argument('--cheap-compile', action='store_true', help=argparse.SUPPRESS)  # tests
   ap.add_argument('--out', default=str(RESULTS))
   args = ap.parse_args(argv)
   args.dtype = DTYPES[args.dtype]
@@ -125,7 +126,8 @@ def child(module: str, argv, env: Optional[dict] = None) -> dict:
 def _step_argv(args, method: str, batch: int) -> list:
   return ['--method', method, '--batch', batch, '--h', args.h, '--w', args.w, '--k', args.k,
           '--width', args.width, '--dtype', args.dtype, '--steps', args.steps,
-          '--cpu-peak-gflops', args.cpu_peak_gflops, '--results', '']
+          '--cpu-peak-gflops', args.cpu_peak_gflops, '--results', ''] + (
+              ['--cheap-compile'] if args.cheap_compile else [])
 
 
 def train_step_suite(args, devices: dict) -> dict:

@@ -62,6 +62,9 @@ def parse_args(argv=None):
   ap.add_argument('--search-max-batch', action='store_true',
                   help='only find the largest batch that fits (doubling from --batch until '
                        'the device runs out of memory) and print it')
+  ap.add_argument('--cheap-compile', action='store_true',
+                  help='XLA:CPU -O0 (train.CHEAP_CPU_COMPILE): quicker compile, slower steps; '
+                       'smoke tests only')
   ap.add_argument('--max-batch-limit', type=int, default=4096,
                   help='stop the search here (a CPU never runs out of memory politely)')
   ap.add_argument('--results', default=str(RESULTS), help="JSONL to append to; '' = none")
@@ -181,6 +184,11 @@ def profile_step(compiled, state, batch, directory, top=12):
   rounded = lambda counter: {k: round(v, 1) for k, v in counter.most_common(top)}
   return state, {'ops_total_ms': round(sum(per_op.values()), 1),
                  'top_scopes_ms': rounded(per_scope), 'top_ops_ms': rounded(per_op)}
+
+
+def compiler_options(args):
+  cheap = args.cheap_compile and jax.default_backend() == 'cpu'
+  return train.CHEAP_CPU_COMPILE if cheap else None
 
 
 def model_flops(compiled, num_devices: int):
