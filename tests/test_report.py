@@ -1,13 +1,18 @@
 """Table 1 and the index page from hand-made per-patient CSVs."""
 import csv
 import re
+import shutil
 
+import jax
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from clfc_jax import report, stats
+from benchmarks import pipeline
+from clfc_jax import checkpoints, report, run_log, stages, stats, train
+from clfc_jax.models import segmenter
 from configs import demo
+from data_prep import folds, normalize, prepare, readers, store, synthetic
 
 METHODS = ('clfc', 'baseline1', 'baseline2')
 FOLDS = (0, 1)
@@ -134,12 +139,6 @@ def figure_workdir(tmp_path_factory):
   """Two prepared synthetic cases, fold 0's references, stand-in pseudo-normals, a fresh clfc
   checkpoint and training log; eval CSVs for clfc (prediction = truth) and baseline1 (no
   prediction files); baseline2 was never trained."""
-  from clfc_jax import checkpoints, run_log, stages, train
-  from clfc_jax.models import segmenter
-  from benchmarks import pipeline
-  from data_prep import folds, normalize, prepare, readers, store, synthetic
-  import jax
-  import shutil
   root = tmp_path_factory.mktemp('report_figures')
   config = _figure_config()
   wd = stages.Workdir(root / 'work')
