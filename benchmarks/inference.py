@@ -2,12 +2,13 @@
 
 `python -m benchmarks.inference [--cases 2] [--method clfc] [--dtype float32] [--quick]`
 writes fresh synthetic 1 mm patients (data_prep.synthetic, no label read) and times each
-phase of segmenting one: load (read + check the files), preprocess (MNI registration,
-resampling, histogram matching, 2.5D stacks), introvae (pseudo-normal T1 of every brain
+phase of `clfc_jax.segment.segment_case` on one: load (read + check the files), preprocess
+(MNI registration, resampling, histogram matching, 2.5D stacks), introvae (pseudo-normal T1 of every brain
 slice), segment (every axial slice through the segmenter), write (probability back onto the
 native grid, threshold, NIfTI). The first patient includes compilation, later ones are the
-steady state. Weights are freshly initialised, not trained: speed does not depend on their
-values, so no trained workdir is needed. Results: benchmarks/results/inference.json.
+steady state. The models come from a throwaway WORKDIR built here with freshly initialised
+weights (speed does not depend on their values), loaded once with `segment.load_models`.
+Results: benchmarks/results/inference.json.
 --quick uses the demo configuration (2 mm MNI grid, 96x80, small networks): a smoke test.
 """
 from __future__ import annotations
@@ -58,66 +59,39 @@ def write_patient(folder: Path, index: int, spacing: float = 1.0):
   return Case(case_id, images), tuple(subject.images['t1'].shape)
 
 
-class Models:
-  """Freshly initialised segmenter and IntroVAE with their jitted inference functions."""
+def build_workdir(config, root: Path, reference_cases) -> Path:
+  """A WORKDIR as the main job leaves it, with freshly initialised models, for segment.py.
 
-  def __init__(self, config):
-    import jax  # pylint: disable=g-import-not-at-top
-    from clfc_jax import evaluate, introvae_train, sharding, train  # pylint: disable=g-import-not-at-top
-    from clfc_jax.models import segmenter  # pylint: disable=g-import-not-at-top
-    self.mesh = sharding.make_mesh(jax.local_devices())
-    model = segmenter.build_segmenter(config)
-    self.eval_fn = train.make_jitted_steps(config, self.mesh, model).eval
-    self.variables = jax.device_put(
-        segmenter.init_variables(model, jax.random.key(config.seed), config),
-        sharding.replicated(self.mesh))
-    self.eval_batch = evaluate.eval_batch_size(config, self.mesh)
-    state = introvae_train.create_state(config, jax.random.PRNGKey(config.seed),
-                                        tuple(config.prep.crop_hw))
-    self.enc, self.dec = jax.device_put((state.enc_params, state.dec_params),
-                                        sharding.replicated(self.mesh))
-    self.recon_fn = introvae_train.reconstruct_fn(config)
-    n = self.mesh.devices.size
-    self.recon_batch = n * -(-int(config.introvae.recon_batch_size) // n)
-
-
-def segment_patient(case, config, models: Models, refs, normal_landmarks, out_path) -> dict:
-  """Segments one patient from its files into out_path; seconds per phase (PHASES)."""
-  from clfc_jax import evaluate, normal_appearance  # pylint: disable=g-import-not-at-top
-  from data_prep import prepare, register, validate  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  seconds = {}
-  tick = time.perf_counter()
-  loaded = validate.load_case(case, config, require_label=False)
-  seconds['load'] = time.perf_counter() - tick
-
-  tick = time.perf_counter()
-  pc = prepare.prepare_loaded(loaded, config)
-  unit = normal_appearance.unit_t1(pc.modality(config.dataset.normal_modality), pc.brain,
-                                   normal_landmarks, config)
-  seconds['preprocess'] = time.perf_counter() - tick
-
-  tick = time.perf_counter()
-  pseudo = None
+  config.json; fold 0's histogram references and the IntroVAE's T1 reference, fitted on
+  `reference_cases` (prepared); the IntroVAE and the segmenter initialised and saved the way
+  their training loops save them. Which values they hold does not change the speed.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from clfc_jax import checkpoints, introvae_train, normal_appearance  # pylint: disable=g-import-not-at-top
+  from clfc_jax import sharding, stages, train  # pylint: disable=g-import-not-at-top
+  from data_prep import normalize  # pylint: disable=g-import-not-at-top
+  wd = stages.Workdir(root)
+  wd.prep.mkdir(parents=True, exist_ok=True)
+  (wd.root / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  refs = normalize.fit_references(reference_cases, tuple(config.dataset.modalities), config)
+  normalize.save_references(refs, wd.hist_refs(0))
+  modality = config.dataset.normal_modality
+  normalize.save_references({modality: refs[modality]}, normalize.normal_reference_path(wd.prep))
   if config.model.use_normal_net:
-    pseudo = normal_appearance.reconstruct_volume(models.recon_fn, models.enc, models.dec, unit,
-                                                  pc.brain, models.recon_batch, models.mesh)
-  seconds['introvae'] = time.perf_counter() - tick
-
-  tick = time.perf_counter()
-  inputs = evaluate.case_inputs(pc, refs, config, pseudo)   # histogram matching, 2.5D stacks
-  seconds['preprocess'] += time.perf_counter() - tick
-  tick = time.perf_counter()
-  prob = evaluate.predict_volume(models.eval_fn, models.variables, inputs, models.eval_batch,
-                                 models.mesh)
-  seconds['segment'] = time.perf_counter() - tick
-
-  tick = time.perf_counter()
-  native = register.to_native(prob, pc.meta, 'linear') > float(config.eval.threshold)
-  pred = np.where(native, int(config.eval.wt_label), 0).astype(np.uint8)
-  evaluate.save_prediction(out_path, pred, pc.meta)
-  seconds['write'] = time.perf_counter() - tick
-  return seconds
+    iv_state = introvae_train.create_state(config, jax.random.PRNGKey(int(config.seed)),
+                                           tuple(config.prep.crop_hw))
+    with checkpoints.Checkpointer(wd.introvae / 'checkpoints', max_to_keep=1) as ckpt:
+      ckpt.save(1, iv_state, extra={'epoch': 1})
+      ckpt.wait()
+    (wd.introvae / normal_appearance.SUMMARY_NAME).write_text(json.dumps({'final_step': 1}))
+  mesh = sharding.make_mesh(jax.local_devices())
+  state = train.make_jitted_steps(config, mesh).init(
+      jax.random.key(int(config.seed), impl=config.train.get('rng_impl', None)))
+  with checkpoints.Checkpointer(wd.runs / config.method / 'fold0' / 'checkpoints',
+                                max_to_keep=1) as ckpt:
+    ckpt.save(1, state, metrics={'val_dice': 0.0})
+    ckpt.wait()
+  return wd.root
 
 
 def _rounded(seconds: dict) -> dict:
@@ -126,62 +100,65 @@ def _rounded(seconds: dict) -> dict:
   return out
 
 
-def run(args) -> dict:
+def run(args, config=None) -> dict:
+  """The suite's record; `config` replaces the one args describe (tests: a tiny model)."""
   from benchmarks import machine  # pylint: disable=g-import-not-at-top
-  from data_prep import normalize, prepare, validate  # pylint: disable=g-import-not-at-top
-  config = make_config(args.method, args.dtype, args.quick)
+  from clfc_jax import segment  # pylint: disable=g-import-not-at-top
+  from data_prep import prepare, validate  # pylint: disable=g-import-not-at-top
+  config = (config or make_config(args.method, args.dtype, args.quick)).copy_and_resolve_references()
+  config.fold = 0
   per_case = []
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
-    print('inference: writing synthetic patients', file=sys.stderr, flush=True)
+    log('writing synthetic patients')
     cases = [write_patient(tmp / 'BraTS', i, args.patient_spacing)
              for i in range(args.cases + 1)]
     shape = cases[0][1]
-    # Histogram references from an extra patient (which ones does not change the speed).
-    print('inference: MNI template, references, fresh models', file=sys.stderr, flush=True)
+    log('MNI template; a workdir with fresh models (references from one more patient)')
     tick = time.perf_counter()
     prepare.mni_space(config)
     template_s = time.perf_counter() - tick
-    ref_case = prepare.prepare_loaded(validate.load_case(cases[-1][0], config,
-                                                         require_label=False), config)
-    modalities = tuple(config.dataset.modalities)
-    refs = normalize.fit_references([ref_case], modalities, config)
     tick = time.perf_counter()
-    models = Models(config)
-    init_s = time.perf_counter() - tick
+    reference = prepare.prepare_loaded(validate.load_case(cases[-1][0], config,
+                                                          require_label=False), config)
+    workdir = build_workdir(config, tmp / 'workdir', [reference])
+    build_s = time.perf_counter() - tick
+    tick = time.perf_counter()
+    models = segment.load_models(config, workdir, method=config.method, fold=0)
+    load_models_s = time.perf_counter() - tick
     for i, (case, _) in enumerate(cases[:args.cases]):
-      print(f'inference: patient {i + 1}/{args.cases}', file=sys.stderr, flush=True)
-      seconds = segment_patient(case, config, models, refs, refs[config.dataset.normal_modality],
-                                tmp / 'out' / f'{case.case_id}_seg.nii.gz')
-      per_case.append(_rounded(seconds))
+      log(f'patient {i + 1}/{args.cases}')
+      done = segment.segment_case(models, case, tmp / 'out', overwrite=True)
+      assert (tmp / 'out' / f'{case.case_id}_seg.nii.gz').exists(), done
+      per_case.append(_rounded(done['seconds']))
   steady = per_case[1:]
   return {
-      'suite': 'inference', 'method': args.method, 'dtype': args.dtype,
+      'suite': 'inference', 'method': config.method, 'dtype': config.model.dtype,
       'case': f"{'x'.join(map(str, shape))} at {args.patient_spacing:g} mm, "
-              f"{len(config.dataset.modalities)} "
-              'modalities (synthetic, new patient: no label)',
+              f"{len(config.dataset.modalities)} modalities (synthetic, new patient: no label)",
       'config': {'quick': args.quick, 'mni_spacing_mm': config.prep.spacing,
                  'crop_hw': list(config.prep.crop_hw), 'k': config.data.k,
                  'width': config.model.width, 'introvae_channels': list(config.introvae.channels),
-                 'eval_batch': models.eval_batch, 'recon_batch': models.recon_batch,
-                 'tta': config.eval.tta},
+                 'eval_batch': models.eval_batch, 'tta': config.eval.tta,
+                 'recon_batch': models.introvae.batch_size if models.introvae else None},
       'weights': 'Freshly initialised weights (speed does not depend on their values).',
-      'path': 'benchmarks.inference phases through validate.load_case, '
-              'prepare.prepare_loaded, normal_appearance.reconstruct_volume, '
-              'evaluate.predict_volume, register.to_native + nibabel',
+      'path': 'clfc_jax.segment.load_models once, then segment_case per patient (NIfTI in, '
+              'NIfTI out)',
       'first_case_s': per_case[0],
       'steady_case_s': ({k: round(statistics.median(c[k] for c in steady), 3)
                          for k in steady[0]} if steady else None),
       'per_case_s': per_case, 'template_once_s': round(template_s, 2),
-      'model_init_s': round(init_s, 2), 'machine': machine.describe(),
+      'workdir_build_s': round(build_s, 2), 'load_models_s': round(load_models_s, 2),
+      'machine': machine.describe(),
   }
 
 
+def log(message: str) -> None:
+  print(f'inference: {message}', file=sys.stderr, flush=True)
+
+
 def main(argv=None):
-  return main_with(parse_args(argv))
-
-
-def main_with(args):
+  args = parse_args(argv)
   result = run(args)
   print(json.dumps(result), flush=True)
   if args.out:
