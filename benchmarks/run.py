@@ -225,19 +225,19 @@ def run_suite(name: str, args, devices: dict, results: dict) -> dict:
   at_start = dict(machine.describe(with_jax=False), **devices)
   log(f'suite {name} (load {at_start["loadavg_1m"]})')
   skip = missing_requirement(name)
+  suites = {'train_step': lambda: train_step_suite(args, devices),
+            'pipeline': lambda: pipeline_suite(args, results),
+            'prep': lambda: prep_suite(args), 'inference': lambda: inference_suite(args),
+            'scaling': lambda: scaling_suite(args, devices)}
   if skip:
     log(f'{name}: skipped ({skip})')
     result = {'suite': name, 'skipped': skip}
-  elif name == 'train_step':
-    result = train_step_suite(args, devices)
-  elif name == 'pipeline':
-    result = pipeline_suite(args, results)
-  elif name == 'prep':
-    result = prep_suite(args)
-  elif name == 'inference':
-    result = inference_suite(args)
   else:
-    result = scaling_suite(args, devices)
+    try:
+      result = suites[name]()
+    except Exception as e:  # pylint: disable=broad-except  (one suite must not stop the rest)
+      log(f'{name} failed: {type(e).__name__}: {e}')
+      result = {'suite': name, 'error': f'{type(e).__name__}: {e}'}
   result.setdefault('suite', name)
   own = {k: v for k, v in result.get('machine', {}).items() if k not in ('time', 'loadavg_1m')}
   result['machine'] = dict(at_start, **own)
