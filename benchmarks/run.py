@@ -28,6 +28,7 @@ from benchmarks import tables
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results'
+TORCH_REFERENCE = REPO.parent / 'shared' / 'bench' / 'torch_reference.py'
 SUITES = tuple(tables.SECTIONS)
 # Import names each suite needs beyond jax/flax/optax (the train step and scaling need none).
 REQUIRES = {'pipeline': ('tensorflow', 'tensorflow_datasets'),
@@ -52,6 +53,7 @@ def parse_args(argv=None):
   ap.add_argument('--steps', type=int, default=5, help='timed train steps per configuration')
   ap.add_argument('--torch', default='auto', choices=('auto', 'no'),
                   help='auto: the PyTorch reference beside clfc when torch is installed')
+  ap.add_argument('--torch-script', default=str(TORCH_REFERENCE))
   ap.add_argument('--search-max-batch', default='auto', choices=('auto', 'yes', 'no'),
                   help='largest batch that fits: auto = on a GPU only')
   ap.add_argument('--cpu-peak-gflops', type=float, default=0.0,
@@ -95,13 +97,17 @@ def missing_requirement(suite: str) -> Optional[str]:
 
 
 def child(module: str, argv, env: Optional[dict] = None) -> dict:
-  """Runs `python -m module argv`; its last stdout line as JSON, or {'error': ...}.
+  """Runs `python -m module argv`; its last JSON stdout line, or {'error': ...}."""
+  return run_json([sys.executable, '-m', module, *map(str, argv)], env)
+
+
+def run_json(cmd, env: Optional[dict] = None) -> dict:
+  """Runs cmd; its last JSON stdout line, or {'error': ...}.
 
   The child's stderr (progress) is passed through as it comes and its tail kept for errors.
   """
   env = dict(os.environ, **(env or {}))
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH', '')]))
-  cmd = [sys.executable, '-m', module, *map(str, argv)]
   log(' '.join(cmd[1:]))
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=env, cwd=REPO)
@@ -119,8 +125,25 @@ def child(module: str, argv, env: Optional[dict] = None) -> dict:
   lines = [l for l in stdout.strip().splitlines() if l.startswith('{') or l.startswith('[')]
   if proc.returncode or not lines:
     errors = [l for l in tail if 'Error' in l or 'error' in l] or tail or ['no output']
-    return {'error': f'{module} exited {proc.returncode}: {errors[-1]}'}
+    return {'error': f'{Path(cmd[1]).name if cmd[1] != "-m" else cmd[2]} exited '
+                     f'{proc.returncode}: {errors[-1]}'}
   return json.loads(lines[-1])
+
+
+def torch_reference(args, devices: dict) -> dict:
+  """The PyTorch reference's step at the suite's size, in its own process (on a GPU the JAX
+  child's preallocated memory is gone by then): plain on a CPU; --channels-last on a GPU,
+  --amp for bf16."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  stack = 2 * args.k + 1
+  cmd = [sys.executable, args.torch_script, '--batch', args.batch, '--h', args.h,
+         '--w', args.w, '--in-ch', len(default.get_config().dataset.modalities) * stack,
+         '--norm-ch', stack, '--steps', args.steps]
+  if args.dtype == 'bfloat16':
+    cmd.append('--amp')
+  if devices.get('backend') == 'gpu':
+    cmd.append('--channels-last')
+  return run_json([str(c) for c in cmd])
 
 
 def _step_argv(args, method: str, batch: int) -> list:
@@ -135,17 +158,20 @@ def train_step_suite(args, devices: dict) -> dict:
   search = args.search_max_batch == 'yes' or (args.search_max_batch == 'auto' and
                                               devices.get('backend') == 'gpu')
   torch_skip = ('torch not installed' if not module_available('torch') else
+                f'{args.torch_script} not found' if not Path(args.torch_script).exists() else
                 'disabled (--torch no)' if args.torch == 'no' else
                 'only at width 1 (its channels are fixed)' if args.width != 1.0 else None)
   rows = []
   for method in args.methods.split(','):
-    with_torch = method == 'clfc' and torch_skip is None
-    row = child('benchmarks.train_step', _step_argv(args, method, args.batch) +
-                (['--torch'] if with_torch else []))
+    row = child('benchmarks.train_step', _step_argv(args, method, args.batch))
     row.setdefault('method', method)
     row.setdefault('batch', args.batch)
     if method == 'clfc' and torch_skip:
       row['note'] = f'PyTorch reference: {torch_skip}'
+    elif method == 'clfc':
+      row['torch'] = torch_reference(args, devices)
+      if row['torch'].get('step_s') and row.get('step_s'):
+        row['torch_over_jax'] = round(row['torch']['step_s'] / row['step_s'], 2)
     rows.append(row)
     if not search:
       rows.append({'method': method, 'batch': 'max', 'note': 'not searched on CPU'})
