@@ -73,10 +73,12 @@ def parse_args(argv=None):
   unknown = set(args.suite.split(',')) - set(SUITES)
   if unknown:
     ap.error(f'unknown suite(s) {sorted(unknown)}; choose from {SUITES}')
-  if args.quick:
-    args.width, args.h, args.w, args.steps = 0.25, 96, 80, 2
-    args.pipeline_seconds, args.prep_repeats, args.prep_cohort = 5.0, 1, 0
-    args.scaling_counts = '1,2'
+  if args.quick:   # smaller values for what the command line left at its default
+    quick = {'width': 0.25, 'h': 96, 'w': 80, 'steps': 2, 'pipeline_seconds': 5.0,
+             'prep_repeats': 1, 'prep_cohort': 0, 'scaling_counts': '1,2'}
+    for name, value in quick.items():
+      if getattr(args, name) == ap.get_default(name):
+        setattr(args, name, value)
   return args
 
 
