@@ -1,5 +1,8 @@
 """The benchmark suite at tiny size: real steps, real cost analysis, real sharded runs."""
 import json
+from pathlib import Path
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,6 +13,7 @@ from benchmarks import machine
 from benchmarks import run
 from benchmarks import scaling
 from configs import demo
+
 
 def test_device_peaks_by_kind():
   assert machine.peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.4e12
@@ -86,3 +90,14 @@ def test_inference_times_every_phase_of_a_patient():
     assert set(result[case]) == set(inference.PHASES) | {'total'}
     assert all(result[case][p] > 0 for p in inference.PHASES)
   assert result['first_case_s']['segment'] > result['steady_case_s']['segment']  # compile
+
+
+def test_step_benchmarks_import_no_tensorflow():
+  """A GPU box with JAX but no TensorFlow runs them: none may import it (a fresh process)."""
+  code = ('import sys; import benchmarks.run, benchmarks.train_step, benchmarks.scaling, '
+          'benchmarks.inference, clfc_jax.segment; '
+          'print(sorted(m for m in sys.modules if m.split(".")[0] in '
+          '("tensorflow", "tensorflow_datasets", "torch")))')
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        check=True, cwd=Path(run.__file__).parents[1])
+  assert done.stdout.strip() == '[]'
