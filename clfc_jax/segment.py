@@ -29,8 +29,12 @@ Optional outputs, all on the input's grid like the mask (float32):
                          the slice and resampled like the probability (un-mirrored pass; the
                          ensemble's mean).
 A patient whose files are bad is reported and skipped; nothing is written for it. Existing
-outputs are kept unless --overwrite (checked before any work). Files are written atomically,
-only into --out. The exit status is 1 when any patient failed.
+outputs are kept unless --overwrite (checked before any work, so a rerun resumes a cohort).
+Files are written atomically, only into --out. The exit status is 1 when any patient failed.
+CPU or GPU: whatever JAX finds; slices are split over every local device.
+
+Python: `models = load_models(None, workdir)` once, then `segment_case(models, case, out)`
+per patient (cases from case_from_files / case_from_folder / case_from_4d_file / find_cases).
 """
 from __future__ import annotations
 
@@ -92,8 +96,12 @@ def _with_method(config, method: Optional[str]):
   return config
 
 
-def _same(a, b) -> bool:
-  return json.dumps(a.to_dict(), sort_keys=True) == json.dumps(b.to_dict(), sort_keys=True)
+def _preprocessing(config) -> str:
+  """What the input of a model depends on: the prep settings and the modalities."""
+  d = config.dataset
+  return json.dumps({'prep': config.prep.to_dict(), 'modalities': list(d.modalities),
+                     'normal': d.normal_modality, 'registration': d.registration_modality},
+                    sort_keys=True, default=str)
 
 
 # --- models (loaded once, reused for every patient) ------------------------------------------
@@ -183,6 +191,7 @@ def trained_folds(workdir, method: str) -> list:
 
 
 def _pick_folds(config, workdir, method, fold, ensemble) -> list:
+  """The folds whose models segment, and why (for the log)."""
   available = trained_folds(workdir, method)
   if not available:
     raise FileNotFoundError(f'{Path(workdir) / "runs" / method}: no trained fold of {method!r} '
@@ -190,13 +199,18 @@ def _pick_folds(config, workdir, method, fold, ensemble) -> list:
   if ensemble:
     if fold is not None:
       raise ValueError('--fold and --ensemble exclude each other')
-    return available
+    return available, 'ensemble of every trained fold'
+  why = 'chosen with --fold'
   if fold is None:
-    fold = int(config.fold) if int(config.fold) >= 0 else available[0]
+    if int(config.fold) >= 0:
+      fold, why = int(config.fold), "the config's fold"
+    else:
+      fold, why = available[0], 'the lowest trained fold'
+    why += '; --fold or --ensemble choose others'
   if int(fold) not in available:
     raise FileNotFoundError(f'{Path(workdir) / "runs" / method / f"fold{fold}"}: fold {fold} of '
                             f'{method!r} is not trained (trained: {available})')
-  return [int(fold)]
+  return [int(fold)], why
 
 
 def _fold_refs(wd, fold: int, modalities) -> dict:
@@ -248,23 +262,24 @@ def load_models(config=None, workdir=None, *, method: Optional[str] = None,
   method = base.method
   mesh = mesh or sharding.make_mesh(jax.local_devices())
   members = []
-  for k in _pick_folds(base, wd.root, method, fold, ensemble):
+  folds, why = _pick_folds(base, wd.root, method, fold, ensemble)
+  logging.info('segment: %s fold(s) %s (%s)', method, folds, why)
+  for k in folds:
     run_dir = wd.runs / method / f'fold{k}'
     cfg = base if override or not (run_dir / 'config.json').exists() else read_config(
         run_dir / 'config.json')
     cfg = cfg.copy_and_resolve_references()
     if tta is not None:
       cfg.eval.tta = bool(tta)
-    for section in ('prep', 'dataset'):
-      if not _same(cfg[section], base[section]):
-        raise ValueError(f'{run_dir}/config.json: fold {k} was trained with other {section} '
-                         'settings than the workdir config; pass --config to choose')
+    if _preprocessing(cfg) != _preprocessing(base):
+      raise ValueError(f'{run_dir}/config.json: fold {k} was trained with other prep settings '
+                       'or modalities than the workdir config; pass --config to choose')
     model, eval_fn, attention_fn = _compiled(cfg, mesh)
     variables, step = evaluate.restore_variables(cfg, run_dir, model, mesh)
     members.append(FoldModel(fold=k, config=cfg, step=step, variables=variables,
                              refs=_fold_refs(wd, k, cfg.dataset.modalities), eval_fn=eval_fn,
                              attention_fn=attention_fn))
-    logging.info('segment: %s fold %d, checkpoint step %d', method, k, step)
+    logging.info('segment: %s fold %d: checkpoint step %d of %s', method, k, step, run_dir)
   introvae = None
   if any(m.config.model.use_normal_net for m in members):
     iv_path = wd.introvae / 'config.json'
@@ -372,6 +387,10 @@ def find_cases(input_dir, config):
     except CaseError as e:
       problems[name] = str(e)
 
+  stems = [_stem(p).lower() for p in _niftis(root)]
+  if all(any(s == m.lower() or s.endswith(f'_{m.lower()}') for s in stems)
+         for m in config.dataset.modalities):
+    raise CaseError(root, "holds one patient's modality files: give it as --case-dir")
   file_dirs = [root] + [root / d for d in _MSD_FOLDERS if (root / d).is_dir()]
   for d in file_dirs:
     for path in _niftis(d):
@@ -431,6 +450,16 @@ def _write_all(images: Mapping[Path, Any]) -> None:
       tmp.unlink(missing_ok=True)
 
 
+def check_options(models: Models, *, save_attention=False, save_pseudo_normal=False,
+                  **unused) -> None:
+  """A ValueError for outputs the method cannot give (no CLFC gates / no normal net)."""
+  del unused
+  if save_attention and any(m.attention_fn is None for m in models.members):
+    raise ValueError(f'method {models.method!r} has no CLFC attention maps to save')
+  if save_pseudo_normal and models.introvae is None:
+    raise ValueError(f'method {models.method!r} uses no pseudo-normal T1')
+
+
 def segment_case(models: Models, case: Case, out_dir, *, save_prob: bool = False,
                  save_pseudo_normal: bool = False, save_attention: bool = False,
                  overwrite: bool = False) -> dict:
@@ -449,13 +478,10 @@ def segment_case(models: Models, case: Case, out_dir, *, save_prob: bool = False
   seconds = dict.fromkeys(PHASES, 0.0)
   result = {'case_id': case.case_id, 'outputs': {k: str(p) for k, p in paths.items()},
             'seconds': seconds}
+  check_options(models, save_attention=save_attention, save_pseudo_normal=save_pseudo_normal)
   existing = [str(p) for p in paths.values() if p.exists()]
   if existing and not overwrite:
     return dict(result, status='exists', existing=existing)
-  if save_attention and any(m.attention_fn is None for m in models.members):
-    raise ValueError(f'method {models.method!r} has no CLFC attention to save')
-  if save_pseudo_normal and models.introvae is None:
-    raise ValueError(f'method {models.method!r} uses no pseudo-normal T1')
 
   tick = time.perf_counter()
   loaded = validate.load_case(case, config, require_label=False)
@@ -531,6 +557,7 @@ def segment_cases(models: Models, cases: Sequence[Case], out_dir, *,
   'per_case': {id: seconds}}; `problems` (from find_cases) enter 'failed' as they are.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  check_options(models, **options)
   summary = {'done': [], 'exists': [], 'failed': dict(problems or {}),
              'seconds': dict.fromkeys(PHASES, 0.0), 'per_case': {}}
   for case in tqdm(cases, desc='segment', unit='patient', disable=not progress):
@@ -652,6 +679,8 @@ def main(argv) -> int:
     handler.addFilter(_quiet_libraries)
   workdir = Path(_WORKDIR.value).expanduser().resolve()
   out_dir = Path(_OUT.value).expanduser().resolve()
+  if _ENSEMBLE.value and _FOLD.value is not None:
+    raise app.UsageError('--fold and --ensemble exclude each other')
   config = _with_method(_base_config(), _METHOD.value)
   try:
     cases, problems = _cli_cases(config)
@@ -672,10 +701,13 @@ def main(argv) -> int:
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_compilation_cache_dir', str(cache))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
-  models = load_models(_CONFIG.value, workdir, method=_METHOD.value, fold=_FOLD.value,
-                       ensemble=_ENSEMBLE.value, tta=_TTA.value)
-  logging.info('segment: %d patient(s) with %s fold(s) %s', len(cases), models.method,
-               [m.fold for m in models.members])
+  try:
+    models = load_models(_CONFIG.value, workdir, method=_METHOD.value, fold=_FOLD.value,
+                         ensemble=_ENSEMBLE.value, tta=_TTA.value)
+    check_options(models, **options)
+  except (FileNotFoundError, ValueError) as e:   # no trained model / options it cannot serve
+    print(f'segment: {e}', file=sys.stderr)
+    return 1
   summary = segment_cases(models, cases, out_dir, problems=problems, **options)
   print(format_summary(summary, out_dir))
   return 1 if summary['failed'] else 0
