@@ -313,6 +313,31 @@ def test_ensemble_averages_the_folds_probabilities(trained, tmp_path):
   np.testing.assert_allclose(probs['both'], (probs['0'] + probs['1']) / 2, atol=1e-4)
 
 
+def test_4d_image_flag_with_mirroring_tta(trained, tmp_path):
+  path, truth = _store_msd(trained['subjects'][7], 'PIR', (slice(None, -3),) + (slice(None),) * 2,
+                           tmp_path / 'pat_G.nii.gz', trained['config'])
+  case = segment.case_from_4d_file(path, trained['config'])
+  segment.segment_case(trained['models'], case, tmp_path / 'plain', save_prob=True)
+  assert _cli(f'--workdir={trained["wd"].root}', f'--image={path}', f'--out={tmp_path / "tta"}',
+              '--tta', '--save-prob') == 0
+  seg = _assert_same_grid(tmp_path / 'tta' / 'pat_G_seg.nii.gz', path)
+  assert _dice(seg.dataobj, truth) >= 0.7, _dice(seg.dataobj, truth)
+  plain, tta = (np.asarray(nib.load(tmp_path / d / 'pat_G_prob.nii.gz').dataobj)
+                for d in ('plain', 'tta'))
+  assert 1e-3 < np.abs(plain - tta).max() < 0.9   # four mirrorings averaged: close, not equal
+
+
+def test_command_line_refuses_two_inputs(trained, tmp_path):
+  from absl import app
+  with pytest.raises(app.UsageError, match='exactly one input'):
+    _cli(f'--workdir={trained["wd"].root}', f'--image={tmp_path / "a.nii.gz"}',
+         f'--case-dir={tmp_path}', f'--out={tmp_path / "out"}')
+  with pytest.raises(app.UsageError, match='exclude'):
+    _cli(f'--workdir={trained["wd"].root}', f'--case-dir={tmp_path}', '--ensemble', '--fold=1',
+         f'--out={tmp_path / "out"}')
+  assert not (tmp_path / 'out').exists()
+
+
 def _bad_folder(trained, root, fault):
   subject = trained['subjects'][0]
   paths, _ = _store(subject, 'LPS', (slice(None),) * 3, root / 'pat_X', 'pat_X')
