@@ -190,7 +190,7 @@ def trained_folds(workdir, method: str) -> list:
   return sorted(folds)
 
 
-def _pick_folds(config, workdir, method, fold, ensemble) -> list:
+def _pick_folds(config, workdir, method, fold, ensemble) -> tuple:
   """The folds whose models segment, and why (for the log)."""
   available = trained_folds(workdir, method)
   if not available:
@@ -482,6 +482,11 @@ def segment_case(models: Models, case: Case, out_dir, *, save_prob: bool = False
   existing = [str(p) for p in paths.values() if p.exists()]
   if existing and not overwrite:
     return dict(result, status='exists', existing=existing)
+  missing = [m for m in config.dataset.modalities if m not in case.images]
+  if missing:
+    first = next(iter(case.images.values()), None)
+    raise CaseError(first.path if first else case.case_id, f'no {", ".join(missing)} image '
+                    f'given (the model reads {", ".join(config.dataset.modalities)})')
 
   tick = time.perf_counter()
   loaded = validate.load_case(case, config, require_label=False)
