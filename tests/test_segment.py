@@ -243,12 +243,16 @@ def test_separate_files_in_ras_through_the_command_line(trained, tmp_path):
   assert maps.min() >= 0 and maps.max() <= 1 and all(maps[..., l][brain].std() > 0 for l in range(4))
 
 
-def test_a_modality_flag_left_out_is_a_usage_error(trained, tmp_path):
+def test_a_modality_left_out_is_refused_before_any_work(trained, tmp_path):
   from absl import app
   paths, _ = _store(trained['subjects'][0], 'LPS', (slice(None),) * 3, tmp_path / 'in', 'p')
   with pytest.raises(app.UsageError, match='--flair'):
     _cli(f'--workdir={trained["wd"].root}', f'--t1={paths["t1"]}', f'--t1ce={paths["t1ce"]}',
          f'--t2={paths["t2"]}', f'--out={tmp_path / "out"}')
+  case = segment.case_from_files({m: paths[m] for m in ('t1', 't1ce', 't2')})
+  with pytest.raises(CaseError, match='no flair image') as info:
+    segment.segment_case(trained['models'], case, tmp_path / 'out')
+  assert info.value.path == str(paths['t1'])
   assert not (tmp_path / 'out').exists()
 
 
