@@ -252,7 +252,8 @@ def load_models(config=None, workdir=None, *, method: Optional[str] = None,
   config.method. fold / ensemble: see the module docstring. tta: None = config.eval.tta.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from clfc_jax import evaluate, normal_appearance, sharding, stages  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from clfc_jax import evaluate, normal_appearance, sharding, stages
   if workdir is None:
     raise ValueError('load_models needs the workdir of a trained main job')
   wd = stages.Workdir(Path(workdir).expanduser())
@@ -652,12 +653,14 @@ def _cli_cases(config):
   """(cases, problems) from whichever input flag was given (exactly one kind)."""
   files = {m: FLAGS[m].value for m in config.dataset.modalities
            if m in FLAGS and FLAGS[m].value}
-  given = [name for name, on in (('--case-dir', _CASE_DIR.value), ('--input-dir', _INPUT_DIR.value),
-                                 ('--image', _IMAGE.value), ('modality files', files)) if on]
+  inputs = (('--case-dir', _CASE_DIR.value), ('--input-dir', _INPUT_DIR.value),
+            ('--image', _IMAGE.value), ('modality files', files))
+  given = [name for name, value in inputs if value]
   if len(given) != 1:
-    raise app.UsageError('give exactly one input: --case-dir, --input-dir, --image or one '
-                         f'flag per modality ({" ".join("--" + m for m in config.dataset.modalities)})'
-                         + (f'; got {", ".join(given)}' if given else ''))
+    flag_list = ' '.join('--' + m for m in config.dataset.modalities)
+    raise app.UsageError('give exactly one input: --case-dir, --input-dir, --image or one flag '
+                         f'per modality ({flag_list})' + (f'; got {", ".join(given)}' if given
+                                                          else ''))
   if files:
     missing = [m for m in config.dataset.modalities if m not in files]
     if missing:

@@ -2,8 +2,6 @@
 workdir built here; patients stored as separate files, a folder and an MSD 4-D file, each in
 its own orientation and shape, come back on exactly their own grid and overlap the truth."""
 import json
-import os
-from pathlib import Path
 import time
 
 import jax
@@ -154,7 +152,7 @@ def trained(tmp_path_factory):
   return {'root': root, 'wd': wd, 'config': config, 'subjects': subjects, 'models': models}
 
 
-# --- patients on disk, each in its own orientation and shape -------------------------------------
+# --- patients on disk, each in its own orientation and shape --------------------------------
 def _reorient(array, affine, axcodes, crop=(slice(None),) * 3):
   """`array` (3-D or 4-D) stored with axes `axcodes`, then cut to `crop`; the matching affine."""
   ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
@@ -215,7 +213,7 @@ def _cli(*args):
     segment.FLAGS.unparse_flags()
 
 
-# --- the tests -------------------------------------------------------------------------------------
+# --- the tests ------------------------------------------------------------------------------
 def test_separate_files_in_ras_through_the_command_line(trained, tmp_path):
   wd, subject = trained['wd'], trained['subjects'][0]
   crop = (slice(3, -2), slice(None), slice(2, None))
@@ -240,7 +238,8 @@ def test_separate_files_in_ras_through_the_command_line(trained, tmp_path):
   attention = _assert_same_grid(out / 'pat_A_attention.nii.gz', paths['t1'])
   assert attention.shape == mask.shape + (4,)
   maps = np.asarray(attention.dataobj)
-  assert maps.min() >= 0 and maps.max() <= 1 and all(maps[..., l][brain].std() > 0 for l in range(4))
+  assert maps.min() >= 0 and maps.max() <= 1
+  assert all(maps[..., level][brain].std() > 0 for level in range(4))
 
 
 def test_a_modality_left_out_is_refused_before_any_work(trained, tmp_path):
