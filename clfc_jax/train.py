@@ -4,9 +4,9 @@ Steps are pure `(state, batch) -> (state, metrics)` functions; `make_jitted_step
 them once with explicit shardings (state replicated, batch split over 'data') so one program
 serves 1 CPU, 8 GPUs or many hosts. The training loop, checkpoints and logging build on these.
 """
-import ctypes
 import functools
 import os
+import sys
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax
@@ -19,32 +19,33 @@ from clfc_jax.losses import segmentation_loss
 from clfc_jax.models import segmenter
 
 BATCH_INPUTS = ('image', 'normal', 'label')   # what the model and the loss read.
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-RETAIN_MEMORY_ENV = 'CLFC_RETAIN_FREED_MEMORY'   # '0' turns retain_freed_memory off.
+# glibc tunable that backs malloc's large (mmap) blocks with transparent huge pages: XLA:CPU
+# allocates its multi-GB temp afresh every step, and with 4 KiB pages the kernel takes ~1.2M page
+# faults a step to map it (2-3 s of system time per clfc step on a 2-core CPU; 0.3 s with it).
+# glibc reads it only at start-up, so entry points re-exec with it (reexec_with_huge_page_malloc).
+HUGE_PAGE_MALLOC = 'glibc.malloc.hugetlb=1'
 
 
-def retain_freed_memory() -> bool:
-  """Makes glibc keep freed memory for reuse rather than hand it back to the OS.
+def huge_page_malloc_env(environ) -> dict:
+  """A copy of `environ` whose GLIBC_TUNABLES also has HUGE_PAGE_MALLOC (kept if set)."""
+  env = dict(environ)
+  tunables = [t for t in env.get('GLIBC_TUNABLES', '').split(':') if t]
+  if not any(t.startswith('glibc.malloc.hugetlb=') for t in tunables):
+    env['GLIBC_TUNABLES'] = ':'.join(tunables + [HUGE_PAGE_MALLOC])
+  return env
 
-  XLA:CPU allocates a step's large buffers afresh every call; in a worker thread's arena glibc
-  serves each one from a new mmap and unmaps it on free, so every step page-faults and zeroes
-  its whole working set again (a quarter of the CPU train step's CPU time, B=4 192x160). One
-  arena, no mmap and no trimming keep the pages mapped. It only works before JAX starts its
-  threads, hence the call at import; a no-op without glibc or with CLFC_RETAIN_FREED_MEMORY=0.
-  The process then keeps its peak memory until it exits.
+
+def reexec_with_huge_page_malloc() -> None:
+  """Restarts this process (same command line) with HUGE_PAGE_MALLOC unless it already has it.
+
+  For a command-line entry point on Linux, first thing in main(); CLFC_HUGE_PAGE_MALLOC=0 opts
+  out. Returns only when nothing needed restarting.
   """
-  if os.environ.get(RETAIN_MEMORY_ENV, '1') == '0':
-    return False
-  try:
-    libc = ctypes.CDLL('libc.so.6')
-  except OSError:
-    return False
-  return all(libc.mallopt(option, value) == 1 for option, value in
-             ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
-
-
-retain_freed_memory()
+  env = huge_page_malloc_env(os.environ)
+  if (env == dict(os.environ) or os.environ.get('CLFC_HUGE_PAGE_MALLOC', '1') == '0'
+      or not sys.platform.startswith('linux')):
+    return
+  os.execve(sys.executable, sys.orig_argv, env)
 
 
 @flax.struct.dataclass
