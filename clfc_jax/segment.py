@@ -631,22 +631,31 @@ def _base_config():
   return read_config(Path(_WORKDIR.value).expanduser() / 'config.json')
 
 
+def _flags_error(message: str):
+  sys.stderr.write(f'FATAL Flags parsing error: {message}\n'
+                   'Pass --helpshort or --helpfull to see help on flags.\n')
+  sys.exit(1)
+
+
 def parse_flags(argv):
-  """absl's parse, after defining one --<modality> flag per modality of the config in use."""
-  FLAGS(argv, known_only=True)
-  if _WORKDIR.value:
-    try:
-      modalities = _base_config().dataset.modalities
-    except FileNotFoundError as e:
-      raise app.UsageError(str(e)) from None
-    for m in modalities:
-      if m not in FLAGS:
-        flags.DEFINE_string(m, None, f'The {m} image of one patient (NIfTI).')
-      elif not getattr(FLAGS[m], '_clfc_modality', False):
-        raise app.UsageError(f'modality {m!r} clashes with the flag --{m}; use --case-dir')
-      FLAGS[m]._clfc_modality = True   # pylint: disable=protected-access
-  FLAGS.unparse_flags()
-  return FLAGS(argv)
+  """absl's parse, after defining one --<modality> flag per modality of the config in use.
+
+  The known flags (--workdir, --config) are parsed first to find that config; the rest,
+  modality flags included, then.
+  """
+  try:
+    rest = FLAGS(argv, known_only=True)
+    config = _base_config() if _WORKDIR.value else None
+  except (flags.Error, FileNotFoundError) as e:
+    _flags_error(str(e))
+  for m in (config.dataset.modalities if config is not None else ()):
+    if m not in FLAGS:
+      flags.DEFINE_string(m, None, f'The {m} image of one patient (NIfTI).')
+    elif not getattr(FLAGS[m], '_clfc_modality', False):
+      _flags_error(f'modality {m!r} clashes with the flag --{m}; give the patient as '
+                   '--case-dir')
+    FLAGS[m]._clfc_modality = True   # pylint: disable=protected-access
+  return app.parse_flags_with_usage(rest)
 
 
 def _cli_cases(config):
