@@ -281,14 +281,15 @@ def test_cohort_folder_and_4d_file_and_a_bad_case(trained, tmp_path):
   assert _dice(seg_c.dataobj, msd_truth) >= 0.7, _dice(seg_c.dataobj, msd_truth)
 
   # A rerun refuses to overwrite (and does no work); --overwrite replaces.
-  before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+  stamp = lambda p: (p.stat().st_ino, p.stat().st_mtime_ns)   # a replaced file: a new inode
+  before = {p.name: stamp(p) for p in out.iterdir()}
   summary = segment.segment_cases(trained['models'], cases[:2], out, progress=False)
   assert summary['exists'] == ['pat_B', 'pat_C'] and not summary['done']
-  assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+  assert {p.name: stamp(p) for p in out.iterdir()} == before
   summary = segment.segment_cases(trained['models'], cases, out, progress=False, overwrite=True)
   assert summary['done'] == ['pat_B', 'pat_C'] and list(summary['failed']) == ['pat_D']
   assert str(bad_paths['t1ce']) in summary['failed']['pat_D']
-  assert all(p.stat().st_mtime_ns > before[p.name] for p in out.iterdir())
+  assert all(stamp(p)[0] != before[p.name][0] for p in out.iterdir())
 
 
 def test_segment_case_api_times_every_phase(trained, tmp_path):
