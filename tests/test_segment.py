@@ -1,6 +1,10 @@
 """New-patient segmentation: a real (tiny, briefly trained) CLFC-gated model and IntroVAE in a
 workdir built here; patients stored as separate files, a folder and an MSD 4-D file, each in
-its own orientation and shape, come back on exactly their own grid and overlap the truth."""
+its own orientation and shape, come back on exactly their own grid and overlap the truth.
+
+The patients are training subjects stored anew (reoriented, cut, 4-D): what is tested is the
+way in and back out of the model's space, not how well a 300-step model generalises; a wrong
+flip or shift anywhere would take the Dice far below 0.7 (it is ~0.9)."""
 import json
 import time
 
