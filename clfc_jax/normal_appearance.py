@@ -332,7 +332,7 @@ def save_samples(config, wd, state, path: Path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from clfc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from clfc_jax import figures, input_pipeline  # pylint: disable=g-import-not-at-top
   n = max(int(config.introvae.num_samples), 1)
   hw = _image_hw(config)
   it = input_pipeline.normal_t1_iterator(config, wd.tfds, n, epoch_seed(config.seed, -1),
@@ -350,7 +350,8 @@ def save_samples(config, wd, state, path: Path):
                                         ('sampled', fake))):
     for col in range(n):
       ax = axes[row, col]
-      ax.imshow(images[col, ..., 0], cmap='gray', vmin=-1, vmax=1)
+      # Anterior up, patient's right on the left, as in every report figure.
+      ax.imshow(figures.radiological(images[col, ..., 0]), cmap='gray', vmin=-1, vmax=1)
       ax.set_xticks([])
       ax.set_yticks([])
     axes[row, 0].set_ylabel(name)

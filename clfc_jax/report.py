@@ -389,8 +389,8 @@ def section_introvae(ctx: ReportContext) -> str:
       shutil.copyfile(samples, copy)
       ctx.paths['figure_introvae_samples'] = copy
       return (f'![IntroVAE samples]({FIGURES_DIR}/{copy.name})\n\nIntroVAE samples after '
-              'training, as the introvae stage drew them (introvae/samples.png, slices in '
-              'array order, not the radiological view of the other figures): rows are real '
+              'training, as the introvae stage drew them (introvae/samples.png, anterior up): '
+              'rows are real '
               'normal slices, their reconstructions and images decoded from random latents.')
     return ''
   return _figure_section(
