@@ -71,10 +71,12 @@ def measure_devices(config, devices, steps: int = 3):
   t0 = time.perf_counter()
   compiled = fns.train.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
+  flat = lambda tree: np.concatenate([np.asarray(x, np.float64).ravel()
+                                      for x in jax.tree.leaves(jax.device_get(tree))])
+  initial = flat(state.params)   # before the step: the state is donated to it
   state, metrics = compiled(state, batch)
   loss = float(metrics['loss'])
-  params = np.concatenate([np.asarray(x, np.float64).ravel()
-                           for x in jax.tree.leaves(jax.device_get(state.params))])
+  params = flat(state.params)
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
@@ -83,6 +85,7 @@ def measure_devices(config, devices, steps: int = 3):
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times) if times else None
   record = {'devices': len(devices), 'device_kind': devices[0].device_kind,
+            'update_max_abs': float(np.max(np.abs(params - initial))),
             'batch': int(config.train.batch_size), 'compile_s': round(compile_s, 3),
             'step_s': round(step_s, 4) if step_s else None,
             'slices_per_s': round(config.train.batch_size / step_s, 2) if step_s else None}
@@ -90,10 +93,14 @@ def measure_devices(config, devices, steps: int = 3):
 
 
 def differences(reference, other) -> dict:
-  """Max abs difference of the loss and of the updated parameters from the reference."""
-  (_, loss0, params0), (_, loss1, params1) = reference, other
-  return {'loss_abs_diff': float(abs(loss1 - loss0)),
-          'params_max_abs_diff': float(np.max(np.abs(params1 - params0)))}
+  """Max abs difference of the loss and of the updated parameters from the reference, and the
+  latter over the reference's largest update (float noise: ~1e-3 or less; a gradient that
+  depends on the device count: a sizeable fraction)."""
+  (record0, loss0, params0), (_, loss1, params1) = reference, other
+  diff = float(np.max(np.abs(params1 - params0)))
+  update = record0.get('update_max_abs')
+  return {'loss_abs_diff': float(abs(loss1 - loss0)), 'params_max_abs_diff': diff,
+          'diff_over_update': round(diff / update, 5) if update else None}
 
 
 def compare(runs) -> list:

@@ -111,10 +111,13 @@ def scaling_section(r: dict) -> str:
   cols = [('devices', 'devices'), ('device', 'device_kind'), ('global B', 'batch'),
           ('step s', 'step_s'), ('slices/s', 'slices_per_s'), ('vs 1 device', 'overhead_vs_1'),
           ('compile s', 'compile_s'), ('loss Δ (abs)', 'loss_abs_diff'),
-          ('param Δ (max abs)', 'params_max_abs_diff'), ('error', 'error')]
+          ('param Δ (max abs)', 'params_max_abs_diff'),
+          ('Δ / largest update', 'diff_over_update'), ('error', 'error')]
   out = [f"One global batch split over N devices, {c.get('method')} width {c.get('width')}, "
          f"{_cell(c.get('hw'))}, K={c.get('k')}, B={c.get('global_batch')}, {c.get('dtype')}. "
-         'Differences: after one step, against 1 device. Forced CPU devices share the same '
+         'Differences: after one step, against 1 device; Δ / largest update is the parameter '
+         'difference over the largest parameter change the step made (float noise is ~1e-3 '
+         'or less). Forced CPU devices share the same '
          'cores, so on a CPU the ratio is the sharded program\'s overhead, not a speed-up.',
          markdown_table(r.get('cpu', []), cols)]
   if r.get('gpu'):

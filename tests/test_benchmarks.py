@@ -35,6 +35,7 @@ def test_sharded_step_matches_one_device():
   assert rows[0]['params_max_abs_diff'] == 0.0
   assert rows[1]['loss_abs_diff'] < 1e-4
   assert rows[1]['params_max_abs_diff'] < 1e-4
+  assert rows[1]['diff_over_update'] < 1e-2   # float noise, not a device-count dependence
   # One step moved the parameters much further than the two runs differ.
   assert np.max(np.abs(runs[1][2])) > 0 and rows[1]['step_s'] > 0
 
