@@ -177,25 +177,35 @@ class StepFns(NamedTuple):
 # XLA:CPU at -O0: compiles about 40% faster, steps run about 50% slower (tests, smoke runs).
 CHEAP_CPU_COMPILE = {'xla_backend_optimization_level': 0,
                      'xla_llvm_disable_expensive_passes': True}
+# No YNNPACK library fusions on XLA:CPU (an empty list of fusion kinds): config.train.cpu_ynn_fusions.
+NO_YNN_FUSIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 def make_jitted_steps(config, mesh, model=None, total_steps: Optional[int] = None,
                       compiler_options: Optional[dict] = None) -> StepFns:
   """jit with explicit shardings; batches must hold only arrays (see sharding.global_batch).
 
-  compiler_options go to XLA for every step (e.g. CHEAP_CPU_COMPILE).
+  compiler_options go to XLA for every step (e.g. CHEAP_CPU_COMPILE). Without them, the CPU
+  train step gets NO_YNN_FUSIONS unless config.train.cpu_ynn_fusions (at -O0, without YNNPACK,
+  XLA:CPU's results drifted 7x past the sharded-vs-single-device test tolerance; at -O3 they
+  match as closely as with it).
   """
   model = _build_model(config, model)
   repl = sharding_lib.replicated(mesh)
   data = sharding_lib.data_sharding(mesh)
   jit = functools.partial(jax.jit, compiler_options=compiler_options)
+  train_options = compiler_options
+  if (compiler_options is None and mesh.devices.flat[0].platform == 'cpu'
+      and not config.train.get('cpu_ynn_fusions', True)):
+    train_options = NO_YNN_FUSIONS
   init = jit(functools.partial(create_train_state, config, model=model,
                                tx=make_optimizer(config, total_steps)),
              out_shardings=repl)
-  train = jit(functools.partial(train_step, model=model, config=config,
-                                total_steps=total_steps),
-              in_shardings=(repl, data), out_shardings=(repl, repl),
-              donate_argnums=(0,) if config.train.get('donate_state', True) else ())
+  train = jax.jit(functools.partial(train_step, model=model, config=config,
+                                    total_steps=total_steps),
+                  compiler_options=train_options,
+                  in_shardings=(repl, data), out_shardings=(repl, repl),
+                  donate_argnums=(0,) if config.train.get('donate_state', True) else ())
   evaluate = jit(functools.partial(eval_step, model=model, config=config),
                  in_shardings=(repl, data), out_shardings=data)
   return StepFns(init=init, train=train, eval=evaluate)
