@@ -237,3 +237,32 @@ def test_bfloat16_activations(small_batch, clfc_variables):
   assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
   assert float(metrics['sim']) != 0.0
 
+
+
+@pytest.mark.parametrize('options', [None, {'xla_backend_optimization_level': 0}])
+def test_max_pool_matches_flax_values_and_gradients_with_ties(options):
+  """The reshape+max pool equals nn.max_pool forward and backward, ties (ReLU zeros, repeated
+  values) included: the gradient goes to the first maximum of each window, never split."""
+  import flax.linen as nn
+  from clfc_jax.models.encdec import max_pool_2x2
+  rng = np.random.default_rng(0)
+  x = np.round(rng.normal(size=(2, 8, 12, 3)), 1).astype(np.float32)   # many exact ties
+  x[0, :4, :4] = 0.0
+  cot = rng.normal(size=(2, 4, 6, 3)).astype(np.float32)
+
+  def ours(v):
+    return jnp.sum(max_pool_2x2(v) * cot)
+
+  def flax_pool(v):
+    return jnp.sum(nn.max_pool(v, (2, 2), strides=(2, 2)) * cot)
+
+  for f in (ours, flax_pool):
+    assert np.isfinite(jax.jit(jax.grad(f)).lower(x).compile(compiler_options=options)(x)).all()
+  np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+  g_ours = jax.jit(jax.grad(ours)).lower(x).compile(compiler_options=options)(x)
+  g_flax = jax.jit(jax.grad(flax_pool)).lower(x).compile(compiler_options=options)(x)
+  np.testing.assert_array_equal(g_ours, g_flax)
+  # Exactly one position per window receives the window's cotangent.
+  per_window = np.asarray(g_ours).reshape(2, 4, 2, 6, 2, 3)
+  np.testing.assert_allclose(per_window.sum(axis=(2, 4)), cot, rtol=1e-6)
+  assert ((per_window != 0).sum(axis=(2, 4)) <= 1).all()

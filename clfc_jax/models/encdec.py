@@ -29,6 +29,19 @@ def _windows(x):
   return x.reshape(b, h // 2, 2, w // 2, 2, c)
 
 
+def _pool_with_index(x):
+  """(max of each 2x2 window, int8 index 0..3 of its first maximum in row-major order)."""
+  w = _windows(x)
+  top_left, top_right = w[:, :, 0, :, 0], w[:, :, 0, :, 1]
+  bottom_left, bottom_right = w[:, :, 1, :, 0], w[:, :, 1, :, 1]
+  top = jnp.maximum(top_left, top_right)
+  bottom = jnp.maximum(bottom_left, bottom_right)
+  top_index = jnp.where(top_right > top_left, 1, 0).astype(jnp.int8)
+  bottom_index = jnp.where(bottom_right > bottom_left, 3, 2).astype(jnp.int8)
+  lower = bottom > top
+  return jnp.where(lower, bottom, top), jnp.where(lower, bottom_index, top_index)
+
+
 @jax.custom_vjp
 def max_pool_2x2(x):
   """nn.max_pool(x, (2, 2), strides=(2, 2)), NHWC with even H and W, as reshape + max.
@@ -36,29 +49,24 @@ def max_pool_2x2(x):
   XLA:CPU runs reduce-window and its select-and-scatter gradient ~20x slower than this
   (fwd+bwd at 4x192x160x64: 124 ms vs 6 ms). jnp.max's own gradient splits ties and went NaN
   at -O0, so the gradient is written out: all of it to the first maximum of each window in
-  row-major order, as XLA's select-and-scatter and PyTorch do (equal to nn.max_pool's,
-  ties included).
+  row-major order, as XLA's select-and-scatter and PyTorch do. The forward pass saves that
+  position: finding it again in the backward pass by comparing x with the max dropped the
+  gradient of windows where XLA had recomputed x slightly differently (sharded programs).
   """
-  return jnp.max(_windows(x), axis=(2, 4))
+  return _pool_with_index(x)[0]
 
 
 def _max_pool_fwd(x):
-  y = max_pool_2x2(x)
-  return y, (x, y)
+  y, index = _pool_with_index(x)
+  return y, index
 
 
-def _max_pool_bwd(residuals, g):
-  x, y = residuals
-  hit = _windows(x) == y[:, :, None, :, None, :]
-  first, taken = [], jnp.zeros_like(g, dtype=bool)
-  for a in range(2):
-    for c in range(2):
-      first.append(hit[:, :, a, :, c] & ~taken)
-      taken = taken | hit[:, :, a, :, c]
+def _max_pool_bwd(index, g):
   zero = jnp.zeros_like(g)
-  rows = [jnp.stack([jnp.where(first[2 * a + c], g, zero) for c in range(2)], axis=3)
+  rows = [jnp.stack([jnp.where(index == 2 * a + c, g, zero) for c in range(2)], axis=3)
           for a in range(2)]
-  return (jnp.stack(rows, axis=2).reshape(x.shape),)
+  b, h, w, ch = g.shape
+  return (jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, ch),)
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
