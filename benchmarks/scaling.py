@@ -204,4 +204,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  from clfc_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_huge_page_malloc()   # before JAX starts (see host_memory)
   main()

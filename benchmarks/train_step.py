@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from benchmarks import machine
-from clfc_jax import sharding
+from clfc_jax import host_memory, sharding
 from clfc_jax import train
 from clfc_jax.losses import segmentation_loss
 from clfc_jax.models import segmenter
@@ -388,4 +388,5 @@ def efficiency(args, compiled, mesh, step_s) -> dict:
 
 
 if __name__ == '__main__':
+  host_memory.reexec_with_huge_page_malloc()   # before JAX starts (see host_memory)
   main()

@@ -13,7 +13,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from clfc_jax import stages
+from clfc_jax import host_memory, stages
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:method]).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where every stage reads and writes.')
@@ -68,4 +68,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_memory.reexec_with_huge_page_malloc()   # before JAX starts (see host_memory)
   app.run(main)

@@ -731,4 +731,6 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
+  from clfc_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_huge_page_malloc()   # before JAX starts (see host_memory)
   app.run(main, flags_parser=parse_flags)

@@ -5,8 +5,6 @@ them once with explicit shardings (state replicated, batch split over 'data') so
 serves 1 CPU, 8 GPUs or many hosts. The training loop, checkpoints and logging build on these.
 """
 import functools
-import os
-import sys
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax
@@ -19,33 +17,6 @@ from clfc_jax.losses import segmentation_loss
 from clfc_jax.models import segmenter
 
 BATCH_INPUTS = ('image', 'normal', 'label')   # what the model and the loss read.
-# glibc tunable that backs malloc's large (mmap) blocks with transparent huge pages: XLA:CPU
-# allocates its multi-GB temp afresh every step, and with 4 KiB pages the kernel takes ~1.2M page
-# faults a step to map it (2-3 s of system time per clfc step on a 2-core CPU; 0.3 s with it).
-# glibc reads it only at start-up, so entry points re-exec with it (reexec_with_huge_page_malloc).
-HUGE_PAGE_MALLOC = 'glibc.malloc.hugetlb=1'
-
-
-def huge_page_malloc_env(environ) -> dict:
-  """A copy of `environ` whose GLIBC_TUNABLES also has HUGE_PAGE_MALLOC (kept if set)."""
-  env = dict(environ)
-  tunables = [t for t in env.get('GLIBC_TUNABLES', '').split(':') if t]
-  if not any(t.startswith('glibc.malloc.hugetlb=') for t in tunables):
-    env['GLIBC_TUNABLES'] = ':'.join(tunables + [HUGE_PAGE_MALLOC])
-  return env
-
-
-def reexec_with_huge_page_malloc() -> None:
-  """Restarts this process (same command line) with HUGE_PAGE_MALLOC unless it already has it.
-
-  For a command-line entry point on Linux, first thing in main(); CLFC_HUGE_PAGE_MALLOC=0 opts
-  out. Returns only when nothing needed restarting.
-  """
-  env = huge_page_malloc_env(os.environ)
-  if (env == dict(os.environ) or os.environ.get('CLFC_HUGE_PAGE_MALLOC', '1') == '0'
-      or not sys.platform.startswith('linux')):
-    return
-  os.execve(sys.executable, sys.orig_argv, env)
 
 
 @flax.struct.dataclass
