@@ -56,7 +56,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from data_prep.case import Case, CaseError, ImageRef
-from data_prep.readers import NIFTI_SUFFIXES
+from data_prep.readers import NIFTI_SUFFIXES, strip_nifti
 
 PHASES = ('load', 'preprocess', 'introvae', 'segment', 'write')
 OUTPUT_SUFFIXES = {
@@ -300,10 +300,7 @@ def load_models(config=None, workdir=None, *, method: Optional[str] = None,
 
 # --- where the patients are ------------------------------------------------------------------
 def _stem(path: Path) -> str:
-  for suffix in NIFTI_SUFFIXES:
-    if path.name.endswith(suffix):
-      return path.name[:-len(suffix)]
-  return path.name
+  return strip_nifti(path.name)
 
 
 def _niftis(folder: Path) -> list:

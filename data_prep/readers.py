@@ -104,7 +104,7 @@ def _find_msd(root: Path, d) -> list[Case]:
   cases = []
   for path, label_path in zip(files, label_paths):
     images = {m: ImageRef(path, channel=list(d.msd_channels).index(m)) for m in d.modalities}
-    cases.append(Case(_strip_nifti(path.name), images,
+    cases.append(Case(strip_nifti(path.name), images,
                       label=ImageRef(label_path) if labelled else None))
   return cases
 
@@ -148,7 +148,8 @@ def _is_nifti(path: Path) -> bool:
   return path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith('._')
 
 
-def _strip_nifti(name: str) -> str:
+def strip_nifti(name: str) -> str:
+  """A NIfTI file name without its .nii / .nii.gz suffix (the patient or image id)."""
   for suffix in NIFTI_SUFFIXES:
     if name.endswith(suffix):
       return name[:-len(suffix)]
@@ -173,7 +174,7 @@ def _nifti_variant(path: Path) -> Path:
   """The given path, or its .nii / .nii.gz twin when only that exists."""
   if path.exists():
     return path
-  stem = _strip_nifti(path.name)
+  stem = strip_nifti(path.name)
   if stem != path.name:
     return _first_existing([path.with_name(stem)]) or path
   return path
