@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks import tables
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results' / 'inference.json'
 PHASES = ('load', 'preprocess', 'introvae', 'segment', 'write')
@@ -159,12 +161,7 @@ def log(message: str) -> None:
 
 def main(argv=None):
   args = parse_args(argv)
-  result = run(args)
-  print(json.dumps(result), flush=True)
-  if args.out:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-  return result
+  return tables.emit(run(args), args.out)
 
 
 if __name__ == '__main__':

@@ -26,9 +26,11 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
+from benchmarks import tables
 from configs import default
 from data_prep import prepare, register, synthetic
 from data_prep.case import Case, ImageRef
+
 
 RESULTS = Path(__file__).parent / 'results' / 'prep.json'
 
@@ -121,10 +123,7 @@ def main():
   parser.add_argument('--set', nargs='*', default=[], help='prep overrides: reg.iterations=50')
   parser.add_argument('--out', default=str(RESULTS))
   args = parser.parse_args()
-  result = run(args.repeats, args.threads, args.cohort, args.set)
-  print(json.dumps(result), flush=True)
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.out).write_text(json.dumps(result, indent=1))
+  tables.emit(run(args.repeats, args.threads, args.cohort, args.set), args.out)
 
 
 if __name__ == '__main__':

@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from benchmarks import tables
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results' / 'scaling.json'
 
@@ -195,12 +197,7 @@ def main(argv=None):
   if args.worker:
     _worker(args)
     return None
-  result = run(args)
-  print(json.dumps(result))
-  if args.out:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-  return result
+  return tables.emit(run(args), args.out)
 
 
 if __name__ == '__main__':

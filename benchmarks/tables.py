@@ -5,7 +5,19 @@ describing the machine of the latest run.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional, Sequence
+
+
+def emit(result: dict, out: Optional[str]) -> dict:
+  """A benchmark's result: one JSON line on stdout (benchmarks.run reads it) and, when `out`
+  names a file, the same JSON indented there."""
+  print(json.dumps(result), flush=True)
+  if out:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+  return result
 
 
 def _cell(value) -> str:
