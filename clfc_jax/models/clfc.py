@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clfc_jax.models.batch_norm import BatchNorm
+
 
 class ClfcGate(nn.Module):
   """Returns (F'_T = A·F_T, ζ(F_T), g(F_R), A) with A = σ(ψ(ReLU(−ζ(F_T)·g(F_R))))."""
@@ -38,10 +40,8 @@ class ProjectionMLP(nn.Module):
   def __call__(self, x, train: bool, mask=None):
     for i in range(3):
       x = nn.Dense(self.dim, dtype=self.dtype, name=f'dense{i}')(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, dtype=self.dtype, name=f'bn{i}')(x, mask=mask)
-      if i < 2:
-        x = nn.relu(x)
+      x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                    epsilon=self.bn_epsilon, relu=i < 2, dtype=self.dtype, name=f'bn{i}')(x, mask)
     return x
 
 
@@ -56,9 +56,9 @@ class PredictionMLP(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
     x = nn.Dense(self.hidden, dtype=self.dtype, name='dense0')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=self.bn_epsilon, dtype=self.dtype, name='bn0')(x, mask=mask)
-    return nn.Dense(self.dim, dtype=self.dtype, name='dense1')(nn.relu(x))
+    x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                  epsilon=self.bn_epsilon, relu=True, dtype=self.dtype, name='bn0')(x, mask)
+    return nn.Dense(self.dim, dtype=self.dtype, name='dense1')(x)
 
 
 class SimSiamHeads(nn.Module):

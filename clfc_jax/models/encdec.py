@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clfc_jax.models.batch_norm import BatchNorm
 from clfc_jax.models.upsample import make_upsample
 
 
@@ -84,8 +85,8 @@ class Encoder(nn.Module):
     feats = []
     for i, features in enumerate(self.channels):
       x = nn.Conv(features, (3, 3), padding='SAME', dtype=self.dtype, name=f'conv{i + 1}')(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, dtype=self.dtype, name=f'bn{i + 1}')(x)
+      x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                    epsilon=self.bn_epsilon, dtype=self.dtype, name=f'bn{i + 1}')(x)
       # ReLU commutes with max-pooling; pooling first touches 4x fewer values.
       x = nn.relu(max_pool_2x2(x))
       feats.append(x)
