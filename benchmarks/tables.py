@@ -71,7 +71,8 @@ def train_step_section(r: dict) -> str:
           f"K={c.get('k')}, width {c.get('width')}, {c.get('dtype')}. "
           'FLOPs per step from XLA\'s cost analysis of the compiled step; MFU = FLOP/s over '
           'the device peak (none for CPUs). torch/jax = PyTorch reference step time over ours '
-          '(>1: JAX faster), same run.')
+          f"(>1: JAX faster), same run: the median over {c.get('rounds', 1)} alternating "
+          'rounds of fresh processes (each round in results/train_step.json).')
   rows = [dict(x, torch_step_s=(x.get('torch') or {}).get('step_s')) for x in r['rows']]
   table = markdown_table(rows, [
       ('method', 'method'), ('B', 'batch'), ('step s', 'step_s'),

@@ -102,3 +102,18 @@ def test_step_benchmarks_import_no_tensorflow():
   done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                         check=True, cwd=Path(run.__file__).parents[1])
   assert done.stdout.strip() == '[]'
+
+
+def test_rounds_combine_to_median_ratio_and_range():
+  """clfc beside PyTorch over alternating rounds: median ratio, its range, a failed round dropped."""
+  jax_rows = [{'step_s': s, 'compile_s': c} for s, c in ((2.5, 9.0), (2.7, 8.0), (2.6, 8.5))]
+  torch_rows = [{'step_s': s} for s in (5.5, 5.0, 5.4)]
+  rounds = list(zip(jax_rows, torch_rows)) + [({'error': 'killed'}, {'step_s': 9.0})]
+  row = run.combine_rounds(rounds)
+  assert row['step_s'] == 2.6 and row['compile_s'] == 8.5    # the JAX round of median time
+  assert row['torch']['step_s'] == 5.4
+  assert row['torch_over_jax'] == round(5.4 / 2.6, 2)         # median of 2.2, 1.85, 2.08
+  assert [r['torch_over_jax'] for r in row['rounds']] == [2.2, 1.852, 2.077]
+  assert row['note'] == 'median of 3 alternating rounds; torch/jax 1.85-2.20'
+  assert run.combine_rounds([({'error': 'oom'}, {'step_s': 5.0})]) == {
+      'error': 'oom', 'torch': {'step_s': 5.0}}
