@@ -20,13 +20,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clfc_jax.sums import fused_sums
+
 
 def _statistics(y, mask, epsilon):
   """Masked mean and biased variance (E[y²] − μ², clipped at 0 like flax) and 1/√(var + ε)."""
   m = mask.astype(y.dtype)
   count = jnp.maximum(jnp.sum(m), 1.0)   # a fully masked batch gives zeros, not NaNs
-  mean = jnp.sum(m * y, axis=0) / count
-  var = jnp.maximum(jnp.sum(m * y * y, axis=0) / count - mean * mean, 0.0)
+  total, total_sq = fused_sums(m * y, m * y * y, axis=0)
+  mean = total / count
+  var = jnp.maximum(total_sq / count - mean * mean, 0.0)
   return mean, var, jax.lax.rsqrt(var + epsilon), count
 
 
@@ -56,8 +59,7 @@ def _backward(epsilon, relu, residuals, cotangents):
   if relu:   # the same expression as the forward pass, so the same sign
     g = jnp.where(_affine(y, mean, rstd, scale, bias) > 0, g, 0.0)
   x_hat = (y - mean) * rstd
-  d_bias = jnp.sum(g, axis=0)
-  d_scale = jnp.sum(g * x_hat, axis=0)
+  d_bias, d_scale = fused_sums(g, g * x_hat, axis=0)
   m = mask.astype(y.dtype) / count
   d_y = (rstd * scale) * (g - m * (d_bias + x_hat * d_scale))
   return d_y, None, d_scale, d_bias
