@@ -182,17 +182,20 @@ def _method_config(config, method):
   return default.apply_method(config.copy_and_resolve_references(), method)
 
 
-def _fold_references(wd, config, fold, split) -> dict:
-  """The fold's histogram references, as fitted by the prep stage on train+val (read only)."""
+def fold_references(wd, fold, modalities, split=None) -> dict:
+  """The fold's histogram references, as fitted by the prep stage on train+val (read only).
+
+  With the fold's `split`, a file fitted on other patients is refused as stale.
+  """
   path = wd.hist_refs(fold)
   if not path.exists():
-    raise CaseError(path, 'no histogram references for this fold (run the prep stage)')
-  fitted_on = normalize.references_fitted_on(path)
+    raise CaseError(path, f'no histogram references for fold {fold} (run the prep stage)')
+  fitted_on = normalize.references_fitted_on(path) if split is not None else None
   if fitted_on is not None and sorted(fitted_on) != sorted(split['train'] + split['val']):
     raise CaseError(path, f'fitted on other patients than fold {fold}\'s training split '
                     '(stale file: rerun the prep stage)')
   refs = normalize.load_references(path)
-  missing = [m for m in config.dataset.modalities if m not in refs]
+  missing = [m for m in modalities if m not in refs]
   if missing:
     raise CaseError(path, f'no references for modalities {missing}')
   return refs
@@ -284,7 +287,7 @@ def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
   seconds = {'predict': 0.0, 'score': 0.0, 'inputs': 0.0, 'save': 0.0}
   step = None
   if todo:
-    refs = _fold_references(wd, config, fold, split)
+    refs = fold_references(wd, fold, config.dataset.modalities, split)
     mesh = sharding_lib.make_mesh(jax.local_devices())
     model = segmenter.build_segmenter(config)
     variables, step = restore_variables(config, wd.runs / method / f'fold{fold}', model, mesh)

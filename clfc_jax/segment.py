@@ -213,18 +213,6 @@ def _pick_folds(config, workdir, method, fold, ensemble) -> tuple:
   return [int(fold)], why
 
 
-def _fold_refs(wd, fold: int, modalities) -> dict:
-  from data_prep import normalize  # pylint: disable=g-import-not-at-top
-  path = wd.hist_refs(fold)
-  if not path.exists():
-    raise FileNotFoundError(f'{path}: no histogram references of fold {fold} (prep stage)')
-  refs = normalize.load_references(path)
-  missing = [m for m in modalities if m not in refs]
-  if missing:
-    raise ValueError(f'{path}: no references for modalities {missing}')
-  return refs
-
-
 def _normal_landmarks(wd, config) -> np.ndarray:
   """The IntroVAE's T1 reference, read (never fitted): the normal cohort's or its fold's."""
   from clfc_jax import normal_appearance  # pylint: disable=g-import-not-at-top
@@ -277,9 +265,9 @@ def load_models(config=None, workdir=None, *, method: Optional[str] = None,
                        'or modalities than the workdir config; pass --config to choose')
     model, eval_fn, attention_fn = _compiled(cfg, mesh)
     variables, step = evaluate.restore_variables(cfg, run_dir, model, mesh)
-    members.append(FoldModel(fold=k, config=cfg, step=step, variables=variables,
-                             refs=_fold_refs(wd, k, cfg.dataset.modalities), eval_fn=eval_fn,
-                             attention_fn=attention_fn))
+    refs = evaluate.fold_references(wd, k, cfg.dataset.modalities)
+    members.append(FoldModel(fold=k, config=cfg, step=step, variables=variables, refs=refs,
+                             eval_fn=eval_fn, attention_fn=attention_fn))
     logging.info('segment: %s fold %d: checkpoint step %d of %s', method, k, step, run_dir)
   introvae = None
   if any(m.config.model.use_normal_net for m in members):
