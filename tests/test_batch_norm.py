@@ -60,7 +60,7 @@ def test_matches_flax_batch_norm(relu, masked, train):
   for a, b in zip(jax.tree.leaves(got[1:]), jax.tree.leaves(want[1:])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
   if train and masked:   # rows outside the mask are normalised but do not move the statistics
-    out, updates = ours.apply(variables, x.at[~mask[..., 0]].set(1e3), mask,
+    out, updates = ours.apply(variables, x.at[~mask[..., 0]].set(1e3), mask[..., 0],
                               mutable=['batch_stats'])
     np.testing.assert_allclose(updates['batch_stats']['mean'], got[1]['batch_stats']['mean'],
                                rtol=1e-5)

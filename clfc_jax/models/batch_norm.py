@@ -94,6 +94,8 @@ class BatchNorm(nn.Module):
       if self.relu:
         out = jnp.maximum(out, 0.0)
     else:
+      if mask is not None and mask.ndim == x.ndim - 1:
+        mask = mask[..., None]
       rows = (jnp.ones((y.shape[0], 1), bool) if mask is None
               else jnp.broadcast_to(mask, x.shape[:-1] + (1,)).reshape(-1, 1))
       out, mean, var = batch_norm_train(y, rows, scale, bias, self.epsilon, self.relu)
