@@ -59,6 +59,8 @@ def parse_args(argv=None):
                   help='clfc beside PyTorch: alternating fresh processes of each, this many times')
   ap.add_argument('--search-max-batch', default='auto', choices=('auto', 'yes', 'no'),
                   help='largest batch that fits: auto = on a GPU only')
+  ap.add_argument('--max-batch-limit', type=int, default=4096,
+                  help='the search stops doubling past this batch')
   ap.add_argument('--cpu-peak-gflops', type=float, default=0.0,
                   help="this CPU's peak GFLOP/s, for an MFU on CPUs")
   ap.add_argument('--pipeline-seconds', type=float, default=20.0)
@@ -217,7 +219,7 @@ def train_step_suite(args, devices: dict) -> dict:
       rows.append({'method': method, 'batch': 'max', 'note': 'not searched on CPU'})
       continue
     found = child('benchmarks.train_step', _step_argv(args, method, args.batch) +
-                  ['--search-max-batch'])
+                  ['--search-max-batch', '--max-batch-limit', args.max_batch_limit])
     best = found.get('max_batch')
     if not best:
       rows.append({'method': method, 'batch': 'max',

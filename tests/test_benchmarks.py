@@ -41,12 +41,15 @@ def test_sharded_step_matches_one_device():
 
 
 def test_suite_writes_results_and_skips_what_is_missing(tmp_path, monkeypatch):
+  """Tiny steps through the suite; the largest-batch search (GPU only by default) forced on:
+  this CPU never runs out of memory, so it doubles 4 -> 8 and stops at the limit."""
   real = run.module_available
   monkeypatch.setattr(run, 'module_available',
                       lambda name: name not in ('tensorflow', 'SimpleITK') and real(name))
   argv = ['--suite', 'train_step,pipeline,prep', '--methods', 'baseline1', '--width', '0.125',
           '--h', '32', '--w', '32', '--k', '1', '--steps', '1', '--torch', 'no',
-          '--cpu-peak-gflops', '50', '--cheap-compile', '--out', str(tmp_path)]
+          '--cpu-peak-gflops', '50', '--search-max-batch', 'yes', '--max-batch-limit', '8',
+          '--cheap-compile', '--out', str(tmp_path)]
   results = run.main(argv)
   step = json.loads((tmp_path / 'train_step.json').read_text())
   measured = step['rows'][0]
@@ -61,7 +64,11 @@ def test_suite_writes_results_and_skips_what_is_missing(tmp_path, monkeypatch):
   for key in ('init_s', 'compile_s', 'compile_cpu_s', 'step_min_s', 'step_cpu_s',
               'slices_per_s', 'loss', 'time'):   # what other tools read from train_step
     assert key in measured
-  assert step['rows'][1]['note'] == 'not searched on CPU'
+  biggest = step['rows'][1]   # a real step at the largest batch found
+  assert biggest['batch'] == 8 and biggest['step_s'] > 0
+  assert biggest['peak_memory_bytes'] > measured['peak_memory_bytes']   # twice the activations
+  assert biggest['note'] == ("largest B that fits (doubling until out of memory; tried "
+                             "{'4': True, '8': True}, search limit hit)")
   assert results['pipeline']['skipped'] == 'tensorflow not installed'
   assert results['prep']['skipped'] == 'simpleitk not installed'
   assert json.loads((tmp_path / 'pipeline.json').read_text())['machine']['cpu_count'] > 0
