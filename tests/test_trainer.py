@@ -103,8 +103,18 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(uninterrupted, d
   first = trainer.train_and_evaluate(c, tmp_path, FOLD, stop_after_epochs=1, data_dir=data_dir)
   assert first['status'] == 'stopped' and first['final_step'] == c.train.steps_per_epoch
   assert not (trainer.run_dir(tmp_path, c, FOLD) / trainer.SUMMARY_NAME).exists()
-  second = trainer.train_and_evaluate(c, tmp_path, FOLD, data_dir=data_dir)
+  # XLA compilations while resuming: a restored state that differed from a fresh one in
+  # sharding, dtype or weak type would compile the train step again.
+  compiles = []
+  listener = (lambda event, secs, **kw:
+              compiles.append(event) if 'backend_compile' in event else None)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    second = trainer.train_and_evaluate(c, tmp_path, FOLD, data_dir=data_dir)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
   assert second['status'] == 'done' and second['epochs_run'] == 1
+  assert compiles == []   # every step, checkpoint and check was compiled by the first run
   assert 'resume' in [e['event'] for e in _events(tmp_path, c)]
   resumed, _ = _final_state(c, tmp_path)
   straight, _ = _final_state(c, straight_dir)
