@@ -3,7 +3,7 @@
 The gate compares backbone features F_T with the normal-appearance features F_R of the same
 decoder level and damps (A -> 0) where they disagree. The SimSiam heads pull ζ(F_T) and g(F_R)
 together on normal-region pixels only, so that disagreement is left to mean "tumor".
-1x1 convolutions are nn.Dense on the channel axis (same parameters, no NHWC reshuffling).
+1x1 convolutions are Dense on the channel axis (nn.Dense's parameters, no NHWC reshuffling; layers.py).
 """
 from typing import Any
 
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from clfc_jax.models.batch_norm import BatchNorm
+from clfc_jax.models.layers import Dense
 
 
 class ClfcGate(nn.Module):
@@ -23,9 +24,9 @@ class ClfcGate(nn.Module):
   def __call__(self, f_t, f_r):
     half = f_t.shape[-1] // 2
     zeta_in = jax.lax.stop_gradient(f_t) if self.stop_grad_before_zeta else f_t
-    zeta = nn.Dense(half, dtype=self.dtype, name='zeta')(zeta_in)
-    g = nn.Dense(half, dtype=self.dtype, name='g')(f_r.astype(self.dtype))
-    attention = nn.sigmoid(nn.Dense(1, dtype=self.dtype, name='psi')(nn.relu(-zeta * g)))
+    zeta = Dense(half, dtype=self.dtype, name='zeta')(zeta_in)
+    g = Dense(half, dtype=self.dtype, name='g')(f_r.astype(self.dtype))
+    attention = nn.sigmoid(Dense(1, dtype=self.dtype, name='psi')(nn.relu(-zeta * g)))
     return attention * f_t, zeta, g, attention
 
 
@@ -39,7 +40,7 @@ class ProjectionMLP(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
     for i in range(3):
-      x = nn.Dense(self.dim, dtype=self.dtype, name=f'dense{i}')(x)
+      x = Dense(self.dim, dtype=self.dtype, name=f'dense{i}')(x)
       x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                     epsilon=self.bn_epsilon, relu=i < 2, dtype=self.dtype, name=f'bn{i}')(x, mask)
     return x
@@ -55,10 +56,10 @@ class PredictionMLP(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
-    x = nn.Dense(self.hidden, dtype=self.dtype, name='dense0')(x)
+    x = Dense(self.hidden, dtype=self.dtype, name='dense0')(x)
     x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                   epsilon=self.bn_epsilon, relu=True, dtype=self.dtype, name='bn0')(x, mask)
-    return nn.Dense(self.dim, dtype=self.dtype, name='dense1')(x)
+    return Dense(self.dim, dtype=self.dtype, name='dense1')(x)
 
 
 class SimSiamHeads(nn.Module):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from clfc_jax.models.batch_norm import BatchNorm
+from clfc_jax.models.layers import Conv
 from clfc_jax.models.upsample import make_upsample
 
 
@@ -84,7 +85,7 @@ class Encoder(nn.Module):
   def __call__(self, x, train: bool):
     feats = []
     for i, features in enumerate(self.channels):
-      x = nn.Conv(features, (3, 3), padding='SAME', dtype=self.dtype, name=f'conv{i + 1}')(x)
+      x = Conv(features, (3, 3), padding='SAME', dtype=self.dtype, name=f'conv{i + 1}')(x)
       x = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                     epsilon=self.bn_epsilon, dtype=self.dtype, name=f'bn{i + 1}')(x)
       # ReLU commutes with max-pooling; pooling first touches 4x fewer values.

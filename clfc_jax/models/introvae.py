@@ -12,6 +12,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clfc_jax.models.layers import Conv, Dense
+
 LATENTS = ('vector', 'spatial')
 OUTPUT_ACTIVATIONS = ('tanh', 'linear')
 
@@ -50,7 +52,7 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda k, name: nn.Conv(self.features, (k, k), dtype=self.dtype, name=name)
+    conv = lambda k, name: Conv(self.features, (k, k), dtype=self.dtype, name=name)
     norm = lambda name: nn.GroupNorm(_num_groups(self.features, self.max_groups),
                                      dtype=self.dtype, name=name)
     skip = x if x.shape[-1] == self.features else conv(1, 'skip')(x)
@@ -73,17 +75,17 @@ class Encoder(nn.Module):
     if x.ndim != 4 or x.shape[-1] != 1:
       raise ValueError(f'IntroVAE encoder expects [B,H,W,1] images, got {x.shape}')
     bottom_hw(x.shape[1:3], len(self.channels))
-    y = nn.Conv(self.channels[0], (5, 5), dtype=self.dtype, name='stem')(x.astype(self.dtype))
+    y = Conv(self.channels[0], (5, 5), dtype=self.dtype, name='stem')(x.astype(self.dtype))
     y = nn.leaky_relu(nn.GroupNorm(_num_groups(self.channels[0], self.max_groups),
                                    dtype=self.dtype, name='stem_norm')(y), 0.2)
     for level, features in enumerate(self.channels[1:], start=1):
       y = nn.avg_pool(y, (2, 2), strides=(2, 2))
       y = ResBlock(features, self.max_groups, self.dtype, name=f'res{level}')(y)
     if self.latent == 'vector':
-      stats = nn.Dense(2 * self.latent_dim, dtype=self.dtype, name='to_latent')(
+      stats = Dense(2 * self.latent_dim, dtype=self.dtype, name='to_latent')(
           y.reshape(y.shape[0], -1))
     elif self.latent == 'spatial':
-      stats = nn.Conv(2 * self.spatial_latent_channels, (3, 3), dtype=self.dtype,
+      stats = Conv(2 * self.spatial_latent_channels, (3, 3), dtype=self.dtype,
                       name='to_latent')(y)
     else:
       raise ValueError(f'introvae.latent={self.latent!r}; expected one of {LATENTS}')
@@ -109,10 +111,10 @@ class Decoder(nn.Module):
     h, w = bottom_hw(self.image_hw, len(self.channels))
     z = z.astype(self.dtype)
     if self.latent == 'vector':
-      y = nn.Dense(h * w * self.channels[-1], dtype=self.dtype, name='from_latent')(z)
+      y = Dense(h * w * self.channels[-1], dtype=self.dtype, name='from_latent')(z)
       y = nn.leaky_relu(y.reshape(z.shape[0], h, w, self.channels[-1]), 0.2)
     elif self.latent == 'spatial':
-      y = nn.leaky_relu(nn.Conv(self.channels[-1], (3, 3), dtype=self.dtype,
+      y = nn.leaky_relu(Conv(self.channels[-1], (3, 3), dtype=self.dtype,
                                 name='from_latent')(z), 0.2)
     else:
       raise ValueError(f'introvae.latent={self.latent!r}; expected one of {LATENTS}')
@@ -120,7 +122,7 @@ class Decoder(nn.Module):
       y = ResBlock(self.channels[level], self.max_groups, self.dtype, name=f'res{level}')(y)
       y = upsample_nearest(y)
     y = ResBlock(self.channels[0], self.max_groups, self.dtype, name='res0')(y)
-    y = nn.Conv(1, (5, 5), dtype=self.dtype, name='to_image')(y).astype(jnp.float32)
+    y = Conv(1, (5, 5), dtype=self.dtype, name='to_image')(y).astype(jnp.float32)
     if self.output_activation == 'tanh':
       return jnp.tanh(y)
     if self.output_activation == 'linear':

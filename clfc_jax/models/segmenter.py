@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from clfc_jax.models.clfc import ClfcGate, SimSiamHeads
 from clfc_jax.models.encdec import Decoder, Encoder, encoder_channels, scaled_width
+from clfc_jax.models.layers import Conv
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 DOWNSAMPLING = 16   # four max-pools: H and W must be multiples of this.
@@ -89,7 +90,7 @@ class Segmenter(nn.Module):
         image.astype(self.dtype), train)
     outs = Decoder(self.channels, self.full_skips, self.upsample, self.dtype,
                    name='backbone_decoder')(feats, gate)
-    logits = nn.Conv(self.n_classes, (3, 3), padding='SAME', dtype=self.dtype,
+    logits = Conv(self.n_classes, (3, 3), padding='SAME', dtype=self.dtype,
                      name='head')(outs[-1])
     outputs = dict(logits=logits.astype(jnp.float32), levels=levels)
 

@@ -18,6 +18,8 @@ from flax.linen import dtypes as flax_dtypes
 import jax.numpy as jnp
 from jax import lax
 
+from clfc_jax.models.layers import add_bias
+
 KERNEL = 4   # PyTorch ConvTranspose2d(k=4, s=2, p=1): output = 2 x input.
 STRIDE = 2
 # lax.conv_transpose padding equal to PyTorch's p=1 for k=4, s=2: k - 1 - p on each side.
@@ -63,8 +65,8 @@ class PhaseUpsample(nn.Module):
     kernel = self.param('kernel', self.kernel_init, (KERNEL, KERNEL, cin, self.features),
                         self.param_dtype)
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-    x, kernel, bias = flax_dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return phase_conv_transpose(x, kernel, bias)
+    x, kernel = flax_dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    return add_bias(phase_conv_transpose(x, kernel), bias)   # float32 bias gradient in bf16
 
 
 def make_upsample(kind, features, dtype=jnp.float32, name=None):
