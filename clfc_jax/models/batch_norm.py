@@ -66,7 +66,7 @@ def _backward(epsilon, relu, residuals, cotangents):
   return d_y, None, d_scale, d_bias
 
 
-batch_norm_train.defvjp(lambda *args: _forward(*args), _backward)
+batch_norm_train.defvjp(_forward, _backward)
 
 
 class BatchNorm(nn.Module):

@@ -8,7 +8,8 @@ by up to 100% of their update (float32: 1e-3 of it). These modules have flax's p
 (names, shapes, initial values), its forward values and, in float32, its exact program; only a
 bias gradient under a lower compute precision changes: the float32 sum of the cotangent.
 
-Only what the models use: stride 1, 'SAME' (or explicit) padding, no groups or dilation.
+Only what the models use: always a bias; stride 1, 'SAME' (or explicit) padding, no
+groups or dilation.
 """
 from typing import Any, Sequence, Union
 
@@ -48,10 +49,16 @@ def _add_bias_bwd(bias, g):
 _add_bias_low_precision.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
+def _kernel_and_bias(module, kernel_shape):
+  """flax's parameters in flax's order (so the same initial values from the same key)."""
+  kernel = module.param('kernel', module.kernel_init, kernel_shape, module.param_dtype)
+  bias = module.param('bias', module.bias_init, kernel_shape[-1:], module.param_dtype)
+  return kernel, bias
+
+
 class Dense(nn.Module):
   """nn.Dense on the last axis (same parameters) with a float32 bias gradient."""
   features: int
-  use_bias: bool = True
   dtype: Dtype = None
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
@@ -59,13 +66,9 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', self.kernel_init, (jnp.shape(x)[-1], self.features),
-                        self.param_dtype)
-    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
+    kernel, bias = _kernel_and_bias(self, (jnp.shape(x)[-1], self.features))
     x, kernel = flax_dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-    return y if bias is None else add_bias(y, bias)
+    return add_bias(jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))), bias)
 
 
 class Conv(nn.Module):
@@ -73,7 +76,6 @@ class Conv(nn.Module):
   features: int
   kernel_size: Sequence[int]
   padding: Union[str, Sequence[tuple]] = 'SAME'
-  use_bias: bool = True
   dtype: Dtype = None
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
@@ -81,11 +83,9 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', self.kernel_init,
-                        (*self.kernel_size, jnp.shape(x)[-1], self.features), self.param_dtype)
-    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
+    kernel, bias = _kernel_and_bias(
+        self, (*self.kernel_size, jnp.shape(x)[-1], self.features))
     x, kernel = flax_dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     y = jax.lax.conv_general_dilated(x, kernel, (1,) * len(self.kernel_size), self.padding,
                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y if bias is None else add_bias(y, bias)
+    return add_bias(y, bias)
