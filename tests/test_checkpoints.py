@@ -9,6 +9,7 @@ import pytest
 
 from clfc_jax import checkpoints
 from clfc_jax import sharding as sharding_lib
+from compiles import xla_compiles
 
 
 TX = optax.chain(optax.clip_by_global_norm(12.0), optax.add_decayed_weights(3e-5),
@@ -92,14 +93,9 @@ def test_saving_a_replicated_state_compiles_nothing_and_survives_donation(tmp_pa
   neither breaks the save nor changes what it wrote."""
   state = make_state(2, replicated)
   expected = jax.device_get(state)
-  compiles = []
-  listener = lambda event, secs, **kw: compiles.append(event) if 'backend_compile' in event else None
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with xla_compiles() as compiles:
     with checkpoints.Checkpointer(tmp_path, max_to_keep=1) as ckpt:
       ckpt.save(7, state)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert compiles == []
   bump = jax.jit(lambda s: jax.tree.map(lambda x: x if x.dtype != jnp.float32 else x + 1, s),
                  donate_argnums=0)

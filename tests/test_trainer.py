@@ -12,6 +12,7 @@ import pytest
 from benchmarks.pipeline import toy_prepared_cohort
 from clfc_jax import checkpoints, input_pipeline, run_log, sharding, trainer
 from data_prep import tfds_builders
+from compiles import xla_compiles
 from tiny_configs import tiny_train_config
 
 FOLD = 0
@@ -105,14 +106,8 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(uninterrupted, d
   assert not (trainer.run_dir(tmp_path, c, FOLD) / trainer.SUMMARY_NAME).exists()
   # XLA compilations while resuming: a restored state that differed from a fresh one in
   # sharding, dtype or weak type would compile the train step again.
-  compiles = []
-  listener = (lambda event, secs, **kw:
-              compiles.append(event) if 'backend_compile' in event else None)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with xla_compiles() as compiles:
     second = trainer.train_and_evaluate(c, tmp_path, FOLD, data_dir=data_dir)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert second['status'] == 'done' and second['epochs_run'] == 1
   assert compiles == []   # every step, checkpoint and check was compiled by the first run
   assert 'resume' in [e['event'] for e in _events(tmp_path, c)]
