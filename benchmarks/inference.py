@@ -21,7 +21,17 @@ import sys
 import tempfile
 import time
 
+import jax
+
+from benchmarks import machine
 from benchmarks import tables
+from clfc_jax import checkpoints, host_memory, segment, sharding
+from clfc_jax import workdir as workdir_lib
+from clfc_jax.train import introvae_steps, introvae_trainer
+from clfc_jax.train import steps as train
+from configs import default, demo
+from data_prep import normalize, prepare, synthetic, validate
+from data_prep.case import Case, ImageRef
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results' / 'inference.json'
@@ -41,8 +51,7 @@ def parse_args(argv=None):
 
 
 def make_config(method: str, dtype: str, quick: bool):
-  from configs import default, demo  # pylint: disable=g-import-not-at-top
-  config = demo.get_config(method) if quick else default.apply_method(default.get_config(),
+  config = demo.get_config(method) if quick else default.method_config(default.get_config(),
                                                                        method)
   config.model.dtype = dtype
   config.introvae.dtype = dtype
@@ -51,8 +60,6 @@ def make_config(method: str, dtype: str, quick: bool):
 
 def write_patient(folder: Path, index: int, spacing: float = 1.0):
   """A synthetic BraTS-like patient on disk (no label: a new patient); its Case and shape."""
-  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
-  from data_prep.case import Case, ImageRef  # pylint: disable=g-import-not-at-top
   subject = synthetic.make_tumor_subject(synthetic.subject_rng(1000 + index, 'tumor', index),
                                          spacing=spacing)
   case_id = synthetic.tumor_case_id(index)
@@ -68,28 +75,24 @@ def build_workdir(config, root: Path, reference_cases) -> Path:
   `reference_cases` (prepared); the IntroVAE and the segmenter initialised and saved the way
   their training loops save them. Which values they hold does not change the speed.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from clfc_jax import checkpoints, introvae_train, normal_appearance  # pylint: disable=g-import-not-at-top
-  from clfc_jax import sharding, stages, train  # pylint: disable=g-import-not-at-top
-  from data_prep import normalize  # pylint: disable=g-import-not-at-top
-  wd = stages.Workdir(root)
+  wd = workdir_lib.Workdir(root)
   wd.prep.mkdir(parents=True, exist_ok=True)
-  (wd.root / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  workdir_lib.write_config(config, wd.config)
   refs = normalize.fit_references(reference_cases, tuple(config.dataset.modalities), config)
   normalize.save_references(refs, wd.hist_refs(0))
   modality = config.dataset.normal_modality
   normalize.save_references({modality: refs[modality]}, normalize.normal_reference_path(wd.prep))
   if config.model.use_normal_net:
-    iv_state = introvae_train.create_state(config, jax.random.PRNGKey(int(config.seed)),
+    iv_state = introvae_steps.create_state(config, jax.random.PRNGKey(int(config.seed)),
                                            tuple(config.prep.crop_hw))
     with checkpoints.Checkpointer(wd.introvae / 'checkpoints', max_to_keep=1) as ckpt:
       ckpt.save(1, iv_state, extra={'epoch': 1})
       ckpt.wait()
-    (wd.introvae / normal_appearance.SUMMARY_NAME).write_text(json.dumps({'final_step': 1}))
+    (wd.introvae / introvae_trainer.SUMMARY_NAME).write_text(json.dumps({'final_step': 1}))
   mesh = sharding.make_mesh(jax.local_devices())
   state = train.make_jitted_steps(config, mesh).init(
       jax.random.key(int(config.seed), impl=config.train.get('rng_impl', None)))
-  with checkpoints.Checkpointer(wd.runs / config.method / 'fold0' / 'checkpoints',
+  with checkpoints.Checkpointer(wd.run_dir(config.method, 0) / 'checkpoints',
                                 max_to_keep=1) as ckpt:
     ckpt.save(1, state, metrics={'val_dice': 0.0})
     ckpt.wait()
@@ -104,9 +107,6 @@ def _rounded(seconds: dict) -> dict:
 
 def run(args, config=None) -> dict:
   """The suite's record; `config` replaces the one args describe (tests: a tiny model)."""
-  from benchmarks import machine  # pylint: disable=g-import-not-at-top
-  from clfc_jax import segment  # pylint: disable=g-import-not-at-top
-  from data_prep import prepare, validate  # pylint: disable=g-import-not-at-top
   config = (config or make_config(args.method, args.dtype, args.quick)).copy_and_resolve_references()
   config.fold = 0
   per_case = []
@@ -142,7 +142,7 @@ def run(args, config=None) -> dict:
                  'crop_hw': list(config.prep.crop_hw), 'k': config.data.k,
                  'width': config.model.width, 'introvae_channels': list(config.introvae.channels),
                  'eval_batch': models.eval_batch, 'tta': config.eval.tta,
-                 'recon_batch': models.introvae.batch_size if models.introvae else None},
+                 'recon_batch': config.introvae.recon_batch_size if models.introvae else None},
       'weights': 'Freshly initialised weights (speed does not depend on their values).',
       'path': 'clfc_jax.segment.load_models once, then segment_case per patient (NIfTI in, '
               'NIfTI out)',
@@ -165,6 +165,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  from clfc_jax import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.reexec_with_huge_page_malloc()   # before JAX starts (see host_memory)
   main()

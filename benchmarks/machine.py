@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Optional
 
+import jax
+
 # Dense peak FLOP/s per device by a substring of jax's device_kind, most specific first.
 # Sources: NVIDIA H100 datasheet (SXM5: bf16 989.4 TFLOP/s dense, fp32 66.9 TFLOP/s without
 # tensor cores; PCIe: bf16 756.5, fp32 51.2); H200 datasheet (same compute as H100 SXM);
@@ -68,7 +70,6 @@ def describe(with_jax: bool = True) -> dict:
       'argv': ' '.join(sys.argv),
   }
   if with_jax:
-    import jax  # pylint: disable=g-import-not-at-top
     devices = jax.devices()
     info.update(backend=jax.default_backend(), device_kind=devices[0].device_kind,
                 device_count=len(devices),

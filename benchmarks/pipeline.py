@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from configs import default, demo
+from data_prep import optional
 from data_prep import store
 
 
@@ -65,16 +67,15 @@ def write_toy_pseudo_normals(prep_dir, out_dir, ids):
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   for cid in ids:
-    pc = store.load_prepared(Path(prep_dir) / 'cases', cid)
+    pc = store.load_prepared(Path(prep_dir) / store.CASES_DIR, cid)
     t1 = pc.images[0]
     np.savez(out_dir / f'{cid}.npz', t1=(2 * t1 / max(t1.max(), 1e-6) - 1).astype(np.float32))
 
 
 def measure(config, data_dir, seconds: float, fold: int = 0) -> dict:
   """Slices/s of train_iterator (after a warm-up batch), single process."""
-  from clfc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   batch = int(config.train.batch_size)
-  it = input_pipeline.train_iterator(config, data_dir, fold, global_batch_size=batch,
+  it = optional.input_pipeline().train_iterator(config, data_dir, fold, global_batch_size=batch,
                                      process_index=0, process_count=1, seed=0)
   next(it)
   n, start = 0, time.perf_counter()
@@ -86,8 +87,6 @@ def measure(config, data_dir, seconds: float, fold: int = 0) -> dict:
 
 
 def run(sizes=('demo', 'full'), seconds: float = 20.0, num_cases: int = 6, z: int = 40) -> list:
-  from configs import default, demo  # pylint: disable=g-import-not-at-top
-  from data_prep import tfds_builders  # pylint: disable=g-import-not-at-top
   results = []
   for size in sizes:
     config = demo.get_config() if size == 'demo' else default.get_config()
@@ -102,6 +101,7 @@ def run(sizes=('demo', 'full'), seconds: float = 20.0, num_cases: int = 6, z: in
                                 modalities=tuple(config.dataset.modalities))
       write_toy_pseudo_normals(work / 'prep', work / 'pseudo_normal', ids)
       start = time.perf_counter()
+      tfds_builders = optional.tfds_builders()
       tfds_builders.build(tfds_builders.tumor_slices_builder(
           config, work / 'tfds', 0, with_pseudo_normal=True))
       build_s = time.perf_counter() - start

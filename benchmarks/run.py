@@ -26,6 +26,8 @@ from typing import Optional
 from benchmarks import machine
 from benchmarks import scaling
 from benchmarks import tables
+from clfc_jax import host_memory
+from configs import default
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results'
@@ -141,7 +143,6 @@ def torch_reference(args, devices: dict) -> dict:
   """The PyTorch reference's step at the suite's size, in its own process (on a GPU the JAX
   child's preallocated memory is gone by then): plain on a CPU; --channels-last on a GPU,
   --amp for bf16."""
-  from configs import default  # pylint: disable=g-import-not-at-top
   stack = 2 * args.k + 1
   cmd = [sys.executable, args.torch_script, '--batch', args.batch, '--h', args.h,
          '--w', args.w, '--in-ch', len(default.get_config().dataset.modalities) * stack,
@@ -338,6 +339,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-  from clfc_jax import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.reexec_with_huge_page_malloc()   # before JAX starts (see host_memory)
   main()

@@ -22,9 +22,14 @@ import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 
+from benchmarks import machine
 from benchmarks import tables
+from benchmarks import train_step
+from clfc_jax import host_memory, sharding
+from clfc_jax.train import steps as train
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results' / 'scaling.json'
@@ -50,7 +55,6 @@ def parse_args(argv=None):
 
 def step_config(args):
   """The train step's config for these arguments (shared with benchmarks.train_step)."""
-  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
   ns = argparse.Namespace(method=args.method, h=args.h, w=args.w, k=args.k, dtype=args.dtype,
                           width=args.width, upsample=None, batch=args.batch)
   return train_step.make_config(ns)
@@ -61,15 +65,12 @@ def measure_devices(config, devices, steps: int = 3):
 
   Returns (timing record, loss after the first step, updated parameters as one flat vector).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from benchmarks.train_step import synthetic_batch  # pylint: disable=g-import-not-at-top
-  from clfc_jax import sharding, train  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(devices)
   cheap = config.train.get('cheap_cpu_compile', False) and devices[0].platform == 'cpu'
   fns = train.make_jitted_steps(config, mesh,
                                 compiler_options=train.CHEAP_CPU_COMPILE if cheap else None)
   state = fns.init(jax.random.key(config.seed, impl=config.train.get('rng_impl', None)))
-  batch = sharding.global_batch(synthetic_batch(config, config.train.batch_size), mesh)
+  batch = sharding.global_batch(train_step.synthetic_batch(config, config.train.batch_size), mesh)
   t0 = time.perf_counter()
   compiled = fns.train.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -117,7 +118,6 @@ def compare(runs) -> list:
 
 
 def _worker(args):
-  import jax  # pylint: disable=g-import-not-at-top
   config = step_config(args)
   gpus = [d for d in jax.devices() if d.platform == 'gpu']
   if gpus:   # one GPU vs all of them, in this process.
@@ -182,7 +182,6 @@ def gpu_scaling(args, devices: dict) -> list:
 
 def run(args, devices=None) -> dict:
   """The suite's record; devices: machine.probe_devices() (asked here when not given)."""
-  from benchmarks import machine  # pylint: disable=g-import-not-at-top
   devices = devices or machine.probe_devices()
   info = machine.describe(with_jax=False)
   return {'suite': 'scaling',
@@ -201,6 +200,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  from clfc_jax import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.reexec_with_huge_page_malloc()   # before JAX starts (see host_memory)
   main()

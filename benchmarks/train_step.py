@@ -27,7 +27,7 @@ import numpy as np
 
 from benchmarks import machine
 from clfc_jax import host_memory, sharding
-from clfc_jax import train
+from clfc_jax.train import steps as train
 from clfc_jax.losses import segmentation_loss
 from clfc_jax.models import segmenter
 from configs import default

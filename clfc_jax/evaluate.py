@@ -1,8 +1,8 @@
 """Evaluation in native space (SPEC §8): predict every axial slice, map back, score per patient.
 
 A test patient's prepared (MNI-space) volumes are histogram-matched with its fold's references
-and cut into 2.5D stacks exactly as the shards were; the jitted eval step predicts every axial
-slice; the foreground probability goes back through the inverse MNI alignment onto the native
+and cut into 2.5D stacks exactly as the shards were (data_prep.inputs); the jitted eval step
+predicts every axial slice (clfc_jax.predict); the foreground probability goes back through the inverse MNI alignment onto the native
 file's grid, is thresholded there, and is scored against the native label file with the native
 voxel spacing. No TensorFlow anywhere: evaluation runs on accelerator machines without it.
 
@@ -13,9 +13,7 @@ demo spacing) into the native image (nnU-Net likewise resamples softmax maps, no
 """
 from __future__ import annotations
 
-import functools
 import json
-import os
 from pathlib import Path
 import time
 from typing import Mapping, Optional
@@ -27,96 +25,16 @@ import numpy as np
 from tqdm import tqdm
 
 from clfc_jax import metrics as metrics_lib
+from clfc_jax import predict
 from clfc_jax import sharding as sharding_lib
 from clfc_jax import stats
-from data_prep import normalize, register, slices, store
+from clfc_jax.workdir import Workdir
+from configs import default
+from data_prep import folds as folds_lib
+from data_prep import inputs, normalize, register, store
 from data_prep.case import CaseError
 
 PREDICTION_SUFFIX = '_seg.nii.gz'
-
-
-# --- inputs ------------------------------------------------------------------------------------
-def load_pseudo_normal(path, shape) -> np.ndarray:
-  """The pseudo-normal T1 [Z, H, W] in [-1, 1] written by the pseudo_normal stage (key 't1')."""
-  path = Path(path)
-  if not path.exists():
-    raise CaseError(path, 'no pseudo-normal T1 (run the pseudo_normal stage first)')
-  try:
-    with np.load(path) as z:
-      t1 = z['t1'].astype(np.float32)
-  except (OSError, KeyError, ValueError) as e:
-    raise CaseError(path, f"unreadable pseudo-normal volume (needs key 't1'): {e}") from None
-  if t1.shape != tuple(shape):
-    raise CaseError(path, f'pseudo-normal T1 has shape {t1.shape}, the case {tuple(shape)}')
-  return t1
-
-
-def _as_in_shards(x) -> np.ndarray:
-  # The shards store inputs as float16; rounding the same way keeps evaluation inputs
-  # bit-identical to what training and validation saw.
-  return np.asarray(x).astype(np.float16).astype(np.float32)
-
-
-def case_inputs(prepared_case: store.PreparedCase, refs: Mapping[str, np.ndarray], config,
-                pseudo_normal: Optional[np.ndarray] = None) -> dict:
-  """{'image': [Z,H,W,M(2K+1)] float32, 'normal': [Z,H,W,2K+1] if the method has a normal net}.
-
-  `image` is histogram-matched with the fold's `refs` and modality-major (config order);
-  `pseudo_normal` is the case's [Z, H, W] pseudo-normal T1, required by the normal net.
-  """
-  pc = prepared_case
-  k = int(config.data.k)
-  modalities = tuple(config.dataset.modalities)
-  missing = [m for m in modalities if m not in pc.modalities]
-  if missing:
-    raise CaseError(pc.case_id, f'prepared case lacks modalities {missing} (has '
-                    f'{pc.modalities})')
-  matched = []
-  for m in modalities:
-    if m not in refs:
-      raise CaseError(pc.case_id, f'no histogram reference for modality {m!r}')
-    try:
-      matched.append(normalize.apply_reference(pc.modality(m), pc.brain, refs[m], config))
-    except ValueError as e:
-      raise CaseError(pc.case_id, f'{m}: {e}') from None
-  inputs = {'image': _as_in_shards(slices.case_stacks(np.stack(matched), k))}
-  if config.model.use_normal_net:
-    if pseudo_normal is None:
-      raise CaseError(pc.case_id, f'method {config.method!r} needs the pseudo-normal T1')
-    pseudo_normal = np.asarray(pseudo_normal, np.float32)
-    if pseudo_normal.shape != pc.brain.shape:
-      raise CaseError(pc.case_id, f'pseudo-normal T1 has shape {pseudo_normal.shape}, the '
-                      f'case {pc.brain.shape}')
-    inputs['normal'] = _as_in_shards(slices.case_stacks(pseudo_normal[None], k))
-  return inputs
-
-
-# --- prediction --------------------------------------------------------------------------------
-def predict_volume(eval_fn, variables, inputs: Mapping[str, np.ndarray], batch_size: int,
-                   mesh) -> np.ndarray:
-  """Foreground probability [Z, H, W] float32 of every slice of one case.
-
-  `eval_fn` is make_jitted_steps(...).eval. Slices go in fixed-size batches (the last one
-  padded with zeros), so one compiled program serves every case; the batch is split over the
-  mesh's 'data' axis, so `batch_size` must be a multiple of its device count. Batches are
-  dispatched before any result is fetched, so host and accelerator overlap.
-  """
-  n_dev = len(mesh.local_devices)
-  if batch_size < 1 or batch_size % n_dev:
-    raise ValueError(f'eval batch size {batch_size} is not a positive multiple of the '
-                     f'{n_dev} devices')
-  num_slices = next(iter(inputs.values())).shape[0]
-  pending = []
-  for start in range(0, num_slices, batch_size):
-    chunk = {name: np.asarray(v[start:start + batch_size], np.float32)
-             for name, v in inputs.items()}
-    n = next(iter(chunk.values())).shape[0]
-    if n < batch_size:
-      chunk = {name: np.pad(v, [(0, batch_size - n)] + [(0, 0)] * (v.ndim - 1))
-               for name, v in chunk.items()}
-    out = eval_fn(variables, sharding_lib.global_batch(chunk, mesh))
-    pending.append((out['probs'], n))
-  return np.concatenate([np.asarray(jax.device_get(p))[:n] for p, n in pending], axis=0)
 
 
 # --- native space ------------------------------------------------------------------------------
@@ -168,20 +86,12 @@ def save_prediction(path, native_pred: np.ndarray, prepared_meta: Mapping,
   img = nib.Nifti1Image(np.asarray(native_pred, np.uint8), affine, header=header)
   img.set_data_dtype(np.uint8)
   img.header.set_slope_inter(1.0, 0.0)
-  tmp = path.with_name(f'.{path.name}.tmp.nii.gz')
-  nib.save(img, tmp)
-  os.replace(tmp, path)
+  with store.atomic_write(path) as tmp:
+    nib.save(img, tmp)
   return path
 
 
 # --- one fold of one method --------------------------------------------------------------------
-def _method_config(config, method):
-  from configs import default  # pylint: disable=g-import-not-at-top
-  if method is None or method == config.method:
-    return config
-  return default.apply_method(config.copy_and_resolve_references(), method)
-
-
 def fold_references(wd, fold, modalities, split=None) -> dict:
   """The fold's histogram references, as fitted by the prep stage on train+val (read only).
 
@@ -199,35 +109,6 @@ def fold_references(wd, fold, modalities, split=None) -> dict:
   if missing:
     raise CaseError(path, f'no references for modalities {missing}')
   return refs
-
-
-def restore_variables(config, run_dir, model, mesh):
-  """({'params', 'batch_stats'} of the best checkpoint in run_dir/checkpoints, step)."""
-  from clfc_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
-  directory = Path(run_dir) / 'checkpoints'
-  if not directory.is_dir():
-    raise FileNotFoundError(f'{directory}: no checkpoints (train {config.method!r} on this fold '
-                            'first)')
-  # The same key kind as the training loop's root key (typed, config.train.rng_impl).
-  root_key = jax.random.key(int(config.seed), impl=config.train.get('rng_impl', None))
-  abstract = jax.eval_shape(functools.partial(train.create_train_state, config, model=model),
-                            root_key)
-  repl = sharding_lib.replicated(mesh)
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
-  ckpt = checkpoints.Checkpointer(directory, max_to_keep=int(config.train.keep_checkpoints))
-  try:
-    step = ckpt.best_step()
-    if step is None:
-      step = ckpt.latest_step()
-      if step is None:
-        raise FileNotFoundError(f'{directory}: no complete checkpoint')
-      logging.warning('%s: no checkpoint carries validation metrics; using the latest (step %d)',
-                      directory, step)
-    state, _ = ckpt.restore(step, abstract)
-  finally:
-    ckpt.close()
-  return state.variables, int(step)
 
 
 def _read_done(csv_path, method, test_ids) -> list:
@@ -248,15 +129,8 @@ def _read_done(csv_path, method, test_ids) -> list:
 
 
 def _write_rows(csv_path, rows) -> None:
-  tmp = csv_path.with_name(f'.{csv_path.name}.tmp')
-  stats.write_per_patient(tmp, rows)
-  os.replace(tmp, csv_path)
-
-
-def eval_batch_size(config, mesh) -> int:
-  """config.eval.batch_size rounded up to a multiple of the local device count."""
-  n_dev = len(mesh.local_devices)
-  return max(1, -(-int(config.eval.batch_size) // n_dev)) * n_dev
+  with store.atomic_write(csv_path) as tmp:
+    stats.write_per_patient(tmp, rows)
 
 
 def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
@@ -268,16 +142,13 @@ def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
   WORKDIR/eval. Returns the mean metrics, the patient count, the checkpoint step and seconds
   per patient (the first patient's 'predict' includes the compilation).
   """
-  from clfc_jax import stages, train  # pylint: disable=g-import-not-at-top
-  from clfc_jax.models import segmenter  # pylint: disable=g-import-not-at-top
-  from data_prep import folds as folds_lib  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
     raise RuntimeError('evaluation runs in one process (it writes one CSV per fold); run the '
                        'evaluate stage without config.train.distributed')
-  config = _method_config(config, method)
+  config = default.method_config(config, method)
   method = config.method
-  wd = stages.Workdir(workdir)
-  out_dir = wd.eval / method / f'fold{fold}'
+  wd = Workdir(workdir)
+  out_dir = wd.eval_dir(method, fold)
   csv_path = out_dir / 'per_patient.csv'
   split = folds_lib.prepared_split(wd.prep, config, fold)
   test_ids = split['test']
@@ -289,20 +160,19 @@ def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
   if todo:
     refs = fold_references(wd, fold, config.dataset.modalities, split)
     mesh = sharding_lib.make_mesh(jax.local_devices())
-    model = segmenter.build_segmenter(config)
-    variables, step = restore_variables(config, wd.runs / method / f'fold{fold}', model, mesh)
-    eval_fn = train.make_jitted_steps(config, mesh, model).eval
-    batch_size = eval_batch_size(config, mesh)
+    fns = predict.segmenter_fns(config, mesh)
+    variables, step = predict.load_segmenter(config, wd.run_dir(method, fold), mesh)
+    batch_size = predict.round_batch(config.eval.batch_size, mesh)
     out_dir.mkdir(parents=True, exist_ok=True)
     for case_id in tqdm(todo, desc=f'evaluate {method} fold {fold}', unit='patient'):
       tick = time.perf_counter()
       pc = store.load_prepared(wd.prep_cases, case_id)
-      pseudo = (load_pseudo_normal(wd.pseudo_normal / f'{case_id}.npz', pc.brain.shape)
+      pseudo = (inputs.load_pseudo_normal(wd.pseudo_normal_file(case_id), pc.brain.shape)
                 if config.model.use_normal_net else None)
-      inputs = case_inputs(pc, refs, config, pseudo)
+      case_inputs = inputs.case_inputs(pc, refs, config, pseudo)
       seconds['inputs'] += time.perf_counter() - tick
       tick = time.perf_counter()
-      prob = predict_volume(eval_fn, variables, inputs, batch_size, mesh)
+      prob = predict.predict_volume(fns, variables, case_inputs, batch_size, mesh)
       seconds['predict'] += time.perf_counter() - tick
       tick = time.perf_counter()
       scores, native_pred = score_case(prob, pc.meta, config)
@@ -323,5 +193,5 @@ def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
   summary.update({m: float(np.mean([r[m] for r in rows])) for m in stats.METRICS})
   if todo:
     summary['seconds_per_patient'] = {k: round(v / len(todo), 3) for k, v in seconds.items()}
-  (out_dir / 'summary.json').write_text(json.dumps(summary, indent=1))
+  store.write_text(out_dir / 'summary.json', json.dumps(summary, indent=1))
   return summary

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
+import jax
 import numpy as np
 import tensorflow as tf
 
@@ -35,7 +36,6 @@ _ENCODED = ('image', 'normal', 'label', 'brain')   # decoded after shuffling (sm
 
 def _processes(process_index, process_count):
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:

@@ -3,17 +3,27 @@
 Runs the requested stages in order (`--stages=prep,introvae,...`; default: all). Each stage is
 skipped when its output is complete and resumed when it is not; see clfc_jax/stages.py.
 """
+# The command line restarts itself with huge-page malloc before anything heavy loads
+# (clfc_jax.host_memory: glibc reads its tunables only at process start).
+from clfc_jax import host_memory
+if __name__ == '__main__':
+  host_memory.reexec_with_huge_page_malloc()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 import logging as logging_std
-import time
 from pathlib import Path
+import time
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
-from clfc_jax import host_memory, stages
+from clfc_jax import stages
+from clfc_jax.workdir import Workdir
+from data_prep import store
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:method]).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where every stage reads and writes.')
@@ -24,14 +34,13 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def save_config(config, workdir: Path):
   """Writes WORKDIR/config.json; an earlier, different config is kept under configs_history/."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / 'config.json'
+  wd = Workdir(workdir)
+  wd.root.mkdir(parents=True, exist_ok=True)
   text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if path.exists() and path.read_text() != text:
-    history = workdir / 'configs_history'
-    history.mkdir(exist_ok=True)
-    path.rename(history / f'config.{time.strftime("%Y%m%d-%H%M%S")}.json')
-  path.write_text(text)
+  if wd.config.exists() and wd.config.read_text() != text:
+    wd.configs_history.mkdir(exist_ok=True)
+    wd.config.rename(wd.configs_history / f'config.{time.strftime("%Y%m%d-%H%M%S")}.json')
+  store.write_text(wd.config, text)
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -59,14 +68,18 @@ def main(argv):
   save_config(config, workdir)
   # Compiled steps are reused across stages, resumed runs and reruns (XLA:CPU compiles of the
   # full model take ~15 s each).
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_compilation_cache_dir', str(workdir / 'cache' / 'jax'))
+  jax.config.update('jax_compilation_cache_dir', str(Workdir(workdir).jax_cache))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
   logging.info('workdir %s, method %s, stages %s', workdir, config.method, _STAGES.value)
   summary = stages.run(config, workdir, _STAGES.value)
   print(json.dumps(summary, indent=1, default=str))
 
 
+def cli():
+  """The `clfc-jax` console command (pyproject.toml): `python -m clfc_jax.main` by another name."""
+  host_memory.reexec_with_huge_page_malloc()
+  app.run(main)
+
+
 if __name__ == '__main__':
-  host_memory.reexec_with_huge_page_malloc()   # before JAX starts (see host_memory)
   app.run(main)

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter
 
 METRICS_NAME = 'metrics.jsonl'
 
@@ -42,7 +43,6 @@ class RunLog:
     self.enabled = enabled
     self._tb_prefix = tb_prefix
     if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._writer = SummaryWriter(str(directory))
       self._jsonl = open(Path(directory) / METRICS_NAME, 'a', encoding='utf-8')
 
@@ -65,3 +65,14 @@ class RunLog:
     if self.enabled:
       self._writer.close()
       self._jsonl.close()
+
+
+def read_events(path) -> list:
+  """The records of a metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
+  records = []
+  for line in Path(path).read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return records

@@ -38,8 +38,15 @@ per patient (cases from case_from_files / case_from_folder / case_from_4d_file /
 """
 from __future__ import annotations
 
+# The command line restarts itself with huge-page malloc before anything heavy loads
+# (clfc_jax.host_memory: glibc reads its tunables only at process start).
+from clfc_jax import host_memory
+if __name__ == '__main__':
+  host_memory.reexec_with_huge_page_malloc()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import contextlib
 import dataclasses
-import functools
 import json
 import logging as logging_std
 import os
@@ -51,12 +58,20 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from absl import app
 from absl import flags
 from absl import logging
-import ml_collections
+import jax
 from ml_collections import config_flags
+import nibabel as nib
 import numpy as np
+from tqdm import tqdm
 
-from data_prep.case import Case, CaseError, ImageRef
-from data_prep.readers import NIFTI_SUFFIXES, strip_nifti
+from clfc_jax import evaluate
+from clfc_jax import predict
+from clfc_jax import sharding
+from clfc_jax import workdir as workdir_lib
+from clfc_jax.workdir import Workdir
+from configs import default
+from data_prep import inputs, normalize, prepare, readers, register, store, validate
+from data_prep.case import Case, CaseError
 
 PHASES = ('load', 'preprocess', 'introvae', 'segment', 'write')
 OUTPUT_SUFFIXES = {
@@ -65,35 +80,11 @@ OUTPUT_SUFFIXES = {
     'pseudo_normal': '_pseudo_normal.nii.gz',
     'attention': '_attention.nii.gz',
 }
-_MSD_FOLDERS = ('imagesTs', 'imagesTr')
-
-
-# --- configs ---------------------------------------------------------------------------------
-def _tuples(x):
-  """JSON lists back to the tuples the configs use (to_json_best_effort writes tuples as lists)."""
-  if isinstance(x, dict):
-    return {k: _tuples(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return tuple(_tuples(v) for v in x)
-  return x
-
-
-def read_config(path) -> ml_collections.ConfigDict:
-  """A config saved as JSON by the main job (WORKDIR/config.json, runs/.../config.json)."""
-  path = Path(path)
-  try:
-    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
-  except (OSError, ValueError) as e:
-    raise FileNotFoundError(f'{path}: no readable config ({e}); is this a workdir of '
-                            'clfc_jax.main? (or pass --config)') from None
-
-
-def _with_method(config, method: Optional[str]):
-  from configs import default  # pylint: disable=g-import-not-at-top
-  config = config.copy_and_resolve_references()
-  if method and method != config.method:
-    default.apply_method(config, method)
-  return config
+# Patients as a user hands them over (data_prep.readers): kept here under their old names.
+case_from_files = readers.case_from_files
+case_from_4d_file = readers.case_from_4d_file
+case_from_folder = readers.case_from_folder
+find_cases = readers.find_patients
 
 
 def _preprocessing(config) -> str:
@@ -113,18 +104,15 @@ class FoldModel:
   step: int                       # checkpoint step (the best by validation Dice)
   variables: Any                  # {'params', 'batch_stats'}, replicated
   refs: Mapping[str, np.ndarray]  # modality -> landmarks (prep/hist_refs_fold<k>.json)
-  eval_fn: Callable               # train.make_jitted_steps(...).eval
-  attention_fn: Optional[Callable]  # (variables, batch) -> {'probs': A_1..A_4 [B,H,W,4]}
+  fns: predict.SegmenterFns       # compiled eval / attention functions
 
 
 @dataclasses.dataclass(frozen=True)
 class PseudoNormalNet:
   """The frozen IntroVAE and the T1 landmarks its training slices were matched to."""
-  enc: Any
-  dec: Any
-  recon_fn: Callable
+  config: Any                     # the IntroVAE's config (introvae/config.json)
+  params: Any                     # {'enc', 'dec'}, replicated
   landmarks: np.ndarray
-  batch_size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,62 +127,11 @@ class Models:
   workdir: Path
 
 
-_FN_CACHE = {}
-
-
-def _compiled(config, mesh):
-  """(model, eval_fn, attention_fn) of one config, shared by folds and repeated loads (jit
-  caches per function object: fresh ones would compile again)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from clfc_jax import sharding, train  # pylint: disable=g-import-not-at-top
-  from clfc_jax.models import segmenter  # pylint: disable=g-import-not-at-top
-  key_config = config.copy_and_resolve_references()
-  key_config.fold = 0
-  key = (key_config.to_json_best_effort(sort_keys=True), tuple(d.id for d in mesh.devices.flat))
-  if key not in _FN_CACHE:
-    model = segmenter.build_segmenter(config)
-    eval_fn = train.make_jitted_steps(config, mesh, model).eval
-    attention_fn = None
-    if config.clfc.enabled:
-      attention_fn = jax.jit(functools.partial(_attention_maps, model=model),
-                             in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
-                             out_shardings=sharding.data_sharding(mesh))
-    _FN_CACHE[key] = (model, eval_fn, attention_fn)
-  return _FN_CACHE[key]
-
-
-def _attention_maps(variables, batch, *, model):
-  """CLFC attention A_1..A_4 (levels 1/8 .. full) bilinearly upsampled to the slice: [B,H,W,4].
-
-  Returned under 'probs' so that evaluate.predict_volume batches it like a probability.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  image = batch['image']
-  out = model.apply(variables, image, batch.get('normal'), train=False)
-  b, h, w = image.shape[:3]
-  maps = [jax.image.resize(level['attention'].astype(jnp.float32), (b, h, w, 1), 'bilinear')
-          for level in out['levels']]
-  return {'probs': jnp.concatenate(maps, axis=-1)}
-
-
-def trained_folds(workdir, method: str) -> list:
-  """Folds of `method` with a checkpoint folder in WORKDIR/runs, ascending."""
-  runs = Path(workdir) / 'runs' / method
-  if not runs.is_dir():
-    return []
-  folds = []
-  for d in runs.glob('fold*'):
-    if d.name[4:].isdigit() and (d / 'checkpoints').is_dir():
-      folds.append(int(d.name[4:]))
-  return sorted(folds)
-
-
-def _pick_folds(config, workdir, method, fold, ensemble) -> tuple:
+def _pick_folds(config, wd: Workdir, method, fold, ensemble) -> tuple:
   """The folds whose models segment, and why (for the log)."""
-  available = trained_folds(workdir, method)
+  available = wd.trained_folds(method)
   if not available:
-    raise FileNotFoundError(f'{Path(workdir) / "runs" / method}: no trained fold of {method!r} '
+    raise FileNotFoundError(f'{wd.runs / method}: no trained fold of {method!r} '
                             '(run the train stage of clfc_jax.main, or pick --method)')
   if ensemble:
     if fold is not None:
@@ -208,18 +145,16 @@ def _pick_folds(config, workdir, method, fold, ensemble) -> tuple:
       fold, why = available[0], 'the lowest trained fold'
     why += '; --fold or --ensemble choose others'
   if int(fold) not in available:
-    raise FileNotFoundError(f'{Path(workdir) / "runs" / method / f"fold{fold}"}: fold {fold} of '
-                            f'{method!r} is not trained (trained: {available})')
+    raise FileNotFoundError(f'{wd.run_dir(method, fold)}: fold {fold} of {method!r} is not '
+                            f'trained (trained: {available})')
   return [int(fold)], why
 
 
-def _normal_landmarks(wd, config) -> np.ndarray:
+def _normal_landmarks(wd: Workdir, config) -> np.ndarray:
   """The IntroVAE's T1 reference, read (never fitted): the normal cohort's or its fold's."""
-  from clfc_jax import normal_appearance  # pylint: disable=g-import-not-at-top
-  from data_prep import normalize  # pylint: disable=g-import-not-at-top
   modality = config.dataset.normal_modality
   paths = (normalize.normal_reference_path(wd.prep),
-           normalize.normal_reference_path(wd.prep, normal_appearance.normal_fold(config)))
+           normalize.normal_reference_path(wd.prep, workdir_lib.normal_fold(config)))
   for path in paths:
     if path.exists():
       refs = normalize.load_references(path)
@@ -239,162 +174,43 @@ def load_models(config=None, workdir=None, *, method: Optional[str] = None,
   config.json, introvae/config.json); a ConfigDict overrides them all. method: default
   config.method. fold / ensemble: see the module docstring. tta: None = config.eval.tta.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  # pylint: disable=g-import-not-at-top
-  from clfc_jax import evaluate, normal_appearance, sharding, stages
   if workdir is None:
     raise ValueError('load_models needs the workdir of a trained main job')
-  wd = stages.Workdir(Path(workdir).expanduser())
+  wd = Workdir(Path(workdir).expanduser())
   override = config is not None
-  base = config if override else read_config(wd.root / 'config.json')
-  base = _with_method(base, method)
+  base = config if override else workdir_lib.read_config(wd.config)
+  base = default.method_config(base, method)
   method = base.method
   mesh = mesh or sharding.make_mesh(jax.local_devices())
   members = []
-  folds, why = _pick_folds(base, wd.root, method, fold, ensemble)
+  folds, why = _pick_folds(base, wd, method, fold, ensemble)
   logging.info('segment: %s fold(s) %s (%s)', method, folds, why)
   for k in folds:
-    run_dir = wd.runs / method / f'fold{k}'
-    cfg = base if override or not (run_dir / 'config.json').exists() else read_config(
-        run_dir / 'config.json')
+    run_dir = wd.run_dir(method, k)
+    saved = run_dir / workdir_lib.CONFIG_NAME
+    cfg = base if override or not saved.exists() else workdir_lib.read_config(saved)
     cfg = cfg.copy_and_resolve_references()
     if tta is not None:
       cfg.eval.tta = bool(tta)
     if _preprocessing(cfg) != _preprocessing(base):
-      raise ValueError(f'{run_dir}/config.json: fold {k} was trained with other prep settings '
-                       'or modalities than the workdir config; pass --config to choose')
-    model, eval_fn, attention_fn = _compiled(cfg, mesh)
-    variables, step = evaluate.restore_variables(cfg, run_dir, model, mesh)
+      raise ValueError(f'{saved}: fold {k} was trained with other prep settings or '
+                       'modalities than the workdir config; pass --config to choose')
+    variables, step = predict.load_segmenter(cfg, run_dir, mesh)
     refs = evaluate.fold_references(wd, k, cfg.dataset.modalities)
     members.append(FoldModel(fold=k, config=cfg, step=step, variables=variables, refs=refs,
-                             eval_fn=eval_fn, attention_fn=attention_fn))
+                             fns=predict.segmenter_fns(cfg, mesh)))
     logging.info('segment: %s fold %d: checkpoint step %d of %s', method, k, step, run_dir)
   introvae = None
   if any(m.config.model.use_normal_net for m in members):
-    iv_path = wd.introvae / 'config.json'
-    iv_config = base if override or not iv_path.exists() else read_config(iv_path)
-    state = normal_appearance.restore_introvae(iv_config, wd, mesh)
-    enc, dec = jax.device_put(jax.device_get((state.enc_params, state.dec_params)),
-                              sharding.replicated(mesh))
-    n = mesh.devices.size
-    introvae = PseudoNormalNet(
-        enc=enc, dec=dec, recon_fn=normal_appearance.reconstruct_fn(iv_config),
-        landmarks=_normal_landmarks(wd, base),
-        batch_size=n * -(-int(iv_config.introvae.recon_batch_size) // n))
+    iv_path = wd.introvae / workdir_lib.CONFIG_NAME
+    iv_config = base if override or not iv_path.exists() else workdir_lib.read_config(iv_path)
+    introvae = PseudoNormalNet(config=iv_config,
+                               params=predict.load_introvae(iv_config, wd, mesh),
+                               landmarks=_normal_landmarks(wd, base))
   config = members[0].config
   return Models(config=config, method=method, members=tuple(members), introvae=introvae,
-                mesh=mesh, eval_batch=evaluate.eval_batch_size(config, mesh), workdir=wd.root)
-
-
-# --- where the patients are ------------------------------------------------------------------
-def _stem(path: Path) -> str:
-  return strip_nifti(path.name)
-
-
-def _niftis(folder: Path) -> list:
-  return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith('.')
-                and p.name.endswith(NIFTI_SUFFIXES))
-
-
-def case_from_files(files: Mapping[str, Any], case_id: Optional[str] = None) -> Case:
-  """A patient given as modality -> file; the id defaults to the first file's name without
-  its `_<modality>` ending."""
-  if not files:
-    raise ValueError('no image files given')
-  images = {m: ImageRef(Path(p).expanduser()) for m, p in files.items()}
-  if not case_id:
-    modality, ref = next(iter(images.items()))
-    case_id = _stem(ref.path)
-    for ending in (f'_{modality}', f'-{modality}', f'.{modality}'):
-      if case_id.lower().endswith(ending.lower()) and len(case_id) > len(ending):
-        case_id = case_id[:-len(ending)]
-  return Case(case_id, images)
-
-
-def case_from_4d_file(path, config, case_id: Optional[str] = None) -> Case:
-  """An MSD-style 4-D file; its channels are named by config.dataset.msd_channels."""
-  path = Path(path).expanduser()
-  channels = list(config.dataset.msd_channels)
-  missing = [m for m in config.dataset.modalities if m not in channels]
-  if missing:
-    raise CaseError(path, f'modalities {missing} are not among dataset.msd_channels '
-                    f'{tuple(channels)} (the 4-D file\'s channel names)')
-  return Case(case_id or _stem(path),
-              {m: ImageRef(path, channel=channels.index(m)) for m in config.dataset.modalities})
-
-
-def case_from_folder(folder, config) -> Case:
-  """A patient folder. Per modality: the dataset's file_pattern, else the one NIfTI named
-  `<modality>` or `*_<modality>`; a folder holding a single NIfTI is a 4-D (MSD) case. A
-  modality without a file points at its expected path: loading then says "file missing"."""
-  folder = Path(folder).expanduser()
-  if not folder.is_dir():
-    raise CaseError(folder, 'patient folder does not exist')
-  files = _niftis(folder)
-  modalities = list(config.dataset.modalities)
-  matches = {m: [] for m in modalities}
-  for path in files:
-    stem = _stem(path).lower()
-    for m in modalities:
-      if stem == m.lower() or stem.endswith(f'_{m.lower()}'):
-        matches[m].append(path)
-  if len(files) == 1 and not any(matches.values()):
-    return case_from_4d_file(files[0], config, case_id=folder.name)
-  images = {}
-  for m in modalities:
-    expected = folder / config.dataset.file_pattern.format(case=folder.name, modality=m)
-    if expected.is_file():
-      images[m] = ImageRef(expected)
-    elif len(matches[m]) == 1:
-      images[m] = ImageRef(matches[m][0])
-    elif len(matches[m]) > 1:
-      names = ', '.join(p.name for p in matches[m])
-      raise CaseError(folder, f'several files could be the {m} image: {names}')
-    else:
-      images[m] = ImageRef(expected)
-  return Case(folder.name, images)
-
-
-def find_cases(input_dir, config):
-  """(cases, problems {id: reason}) of a cohort folder, sorted by id.
-
-  Patients: 4-D NIfTI files directly in the folder or in imagesTs/ / imagesTr/ (MSD), case
-  folders, and case folders inside group folders (BraTS HGG/LGG). A patient that cannot even
-  be described is a problem, never the end of the cohort.
-  """
-  root = Path(input_dir).expanduser()
-  if not root.is_dir():
-    raise CaseError(root, 'cohort folder does not exist or is not a folder')
-  found, problems = [], {}
-
-  def add(make, name):
-    try:
-      found.append(make())
-    except CaseError as e:
-      problems[name] = str(e)
-
-  stems = [_stem(p).lower() for p in _niftis(root)]
-  if all(any(s == m.lower() or s.endswith(f'_{m.lower()}') for s in stems)
-         for m in config.dataset.modalities):
-    raise CaseError(root, "holds one patient's modality files: give it as --case-dir")
-  file_dirs = [root] + [root / d for d in _MSD_FOLDERS if (root / d).is_dir()]
-  for d in file_dirs:
-    for path in _niftis(d):
-      add(lambda p=path: case_from_4d_file(p, config), _stem(path))
-  subdirs = lambda f: sorted(p for p in f.iterdir() if p.is_dir() and not p.name.startswith(
-      ('.', '__MACOSX')) and not (f == root and p.name in _MSD_FOLDERS + ('labelsTr',)))
-  for sub in subdirs(root):
-    folders = [sub] if _niftis(sub) else [g for g in subdirs(sub) if _niftis(g)]
-    for folder in folders:
-      add(lambda f=folder: case_from_folder(f, config), folder.name)
-  ids = [c.case_id for c in found]
-  dupes = sorted({i for i in ids if ids.count(i) > 1})
-  if dupes:
-    raise CaseError(root, f'patient ids occur twice: {dupes}')
-  if not found and not problems:
-    raise CaseError(root, 'no patients found (expected case folders with one NIfTI per '
-                    'modality, or 4-D NIfTI files)')
-  return sorted(found, key=lambda c: c.case_id), problems
+                mesh=mesh, eval_batch=predict.round_batch(config.eval.batch_size, mesh),
+                workdir=wd.root)
 
 
 # --- one patient -----------------------------------------------------------------------------
@@ -408,7 +224,6 @@ def output_paths(case_id: str, out_dir, *, save_prob=False, save_pseudo_normal=F
 
 def _like_input(data: np.ndarray, reference, dtype):
   """`data` on the reference file's grid: its header (qform, sform, codes, units) kept."""
-  import nibabel as nib  # pylint: disable=g-import-not-at-top
   header = reference.header.copy()
   cls = type(reference) if isinstance(reference, nib.Nifti2Image) else nib.Nifti1Image
   img = cls(np.asarray(data, dtype), None, header=header)
@@ -420,27 +235,18 @@ def _like_input(data: np.ndarray, reference, dtype):
 
 
 def _write_all(images: Mapping[Path, Any]) -> None:
-  """Every file or none: temporaries first, then renames."""
-  import nibabel as nib  # pylint: disable=g-import-not-at-top
-  temps = {}
-  try:
+  """Every file or none: all are written to temporaries first, then renamed."""
+  with contextlib.ExitStack() as stack:
     for path, img in images.items():
       path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_name(f'.{path.name}.tmp.nii.gz')
-      temps[path] = tmp
-      nib.save(img, tmp)
-    for path, tmp in temps.items():
-      os.replace(tmp, path)
-  finally:
-    for tmp in temps.values():
-      tmp.unlink(missing_ok=True)
+      nib.save(img, stack.enter_context(store.atomic_write(path)))
 
 
 def check_options(models: Models, *, save_attention=False, save_pseudo_normal=False,
                   **unused) -> None:
   """A ValueError for outputs the method cannot give (no CLFC gates / no normal net)."""
   del unused
-  if save_attention and any(m.attention_fn is None for m in models.members):
+  if save_attention and any(m.fns.attention is None for m in models.members):
     raise ValueError(f'method {models.method!r} has no CLFC attention maps to save')
   if save_pseudo_normal and models.introvae is None:
     raise ValueError(f'method {models.method!r} uses no pseudo-normal T1')
@@ -455,9 +261,6 @@ def segment_case(models: Models, case: Case, out_dir, *, save_prob: bool = False
   {load, preprocess, introvae, segment, write}}. 'exists': some output is already there and
   overwrite is off; nothing was read or written.
   """
-  import nibabel as nib  # pylint: disable=g-import-not-at-top
-  from clfc_jax import evaluate, normal_appearance  # pylint: disable=g-import-not-at-top
-  from data_prep import prepare, register, validate  # pylint: disable=g-import-not-at-top
   config = models.config
   paths = output_paths(case.case_id, out_dir, save_prob=save_prob,
                        save_pseudo_normal=save_pseudo_normal, save_attention=save_attention)
@@ -486,7 +289,7 @@ def segment_case(models: Models, case: Case, out_dir, *, save_prob: bool = False
   if pn is not None:
     modality = config.dataset.normal_modality
     try:
-      unit = normal_appearance.unit_t1(pc.modality(modality), pc.brain, pn.landmarks, config)
+      unit = inputs.unit_t1(pc.modality(modality), pc.brain, pn.landmarks, config)
     except ValueError as e:
       raise CaseError(case.images[modality].path, f'{modality}: {e}') from None
   seconds['preprocess'] = time.perf_counter() - tick
@@ -494,8 +297,7 @@ def segment_case(models: Models, case: Case, out_dir, *, save_prob: bool = False
   pseudo = None
   if pn is not None:
     tick = time.perf_counter()
-    pseudo = normal_appearance.reconstruct_volume(pn.recon_fn, pn.enc, pn.dec, unit, pc.brain,
-                                                  pn.batch_size, models.mesh)
+    pseudo = predict.reconstruct_volume(pn.config, pn.params, unit, pc.brain, models.mesh)
     if not np.all(np.isfinite(pseudo)):
       raise CaseError(case.images[config.dataset.normal_modality].path,
                       'the IntroVAE reconstruction is not finite (diverged model?)')
@@ -505,16 +307,16 @@ def segment_case(models: Models, case: Case, out_dir, *, save_prob: bool = False
   for member in models.members:
     tick = time.perf_counter()
     try:
-      inputs = evaluate.case_inputs(pc, member.refs, member.config, pseudo)
+      case_inputs = inputs.case_inputs(pc, member.refs, member.config, pseudo)
     except CaseError as e:   # named by case id there: name a file here.
       raise CaseError(next(iter(case.images.values())).path, e.problem) from None
     seconds['preprocess'] += time.perf_counter() - tick
     tick = time.perf_counter()
-    prob = prob + evaluate.predict_volume(member.eval_fn, member.variables, inputs,
-                                          models.eval_batch, models.mesh)
+    prob = prob + predict.predict_volume(member.fns, member.variables, case_inputs,
+                                         models.eval_batch, models.mesh)
     if save_attention:
-      attention = attention + evaluate.predict_volume(
-          member.attention_fn, member.variables, inputs, models.eval_batch, models.mesh)
+      attention = attention + predict.predict_slices(
+          member.fns.attention, member.variables, case_inputs, models.eval_batch, models.mesh)
     seconds['segment'] += time.perf_counter() - tick
   prob = prob / len(models.members)
 
@@ -547,7 +349,6 @@ def segment_cases(models: Models, cases: Sequence[Case], out_dir, *,
   Returns {'done': [ids], 'exists': [ids], 'failed': {id: reason}, 'seconds': {phase: total},
   'per_case': {id: seconds}}; `problems` (from find_cases) enter 'failed' as they are.
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   check_options(models, **options)
   summary = {'done': [], 'exists': [], 'failed': dict(problems or {}),
              'seconds': dict.fromkeys(PHASES, 0.0), 'per_case': {}}
@@ -613,7 +414,7 @@ FLAGS = flags.FLAGS
 def _base_config():
   if _CONFIG.value is not None:
     return _CONFIG.value
-  return read_config(Path(_WORKDIR.value).expanduser() / 'config.json')
+  return workdir_lib.read_config(Workdir(Path(_WORKDIR.value).expanduser()).config)
 
 
 def _flags_error(message: str):
@@ -683,7 +484,7 @@ def main(argv) -> int:
   out_dir = Path(_OUT.value).expanduser().resolve()
   if _ENSEMBLE.value and _FOLD.value is not None:
     raise app.UsageError('--fold and --ensemble exclude each other')
-  config = _with_method(_base_config(), _METHOD.value)
+  config = default.method_config(_base_config(), _METHOD.value)
   try:
     cases, problems = _cli_cases(config)
   except CaseError as e:
@@ -698,9 +499,8 @@ def main(argv) -> int:
     print(format_summary({'done': [], 'exists': [c.case_id for c in cases],
                           'failed': dict(problems)}, out_dir))
     return 1 if problems else 0
-  cache = workdir / 'cache' / 'jax'
+  cache = Workdir(workdir).jax_cache
   if cache.is_dir() and os.access(cache, os.W_OK):   # the main job's compilation cache
-    import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_compilation_cache_dir', str(cache))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
   try:
@@ -715,7 +515,11 @@ def main(argv) -> int:
   return 1 if summary['failed'] else 0
 
 
+def cli():
+  """The `clfc-segment` console command (pyproject.toml): `python -m clfc_jax.segment`."""
+  host_memory.reexec_with_huge_page_malloc()
+  app.run(main, flags_parser=parse_flags)
+
+
 if __name__ == '__main__':
-  from clfc_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.reexec_with_huge_page_malloc()   # before JAX starts (see host_memory)
   app.run(main, flags_parser=parse_flags)

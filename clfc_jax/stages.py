@@ -1,50 +1,29 @@
-"""What each stage of the main job reads and writes in WORKDIR, and when it counts as done.
+"""The main job's stages, in order, and when each counts as done (orchestration only: what a
+stage does lives in the module it calls; nothing imports this module but clfc_jax.main).
 
 prep -> introvae -> pseudo_normal -> train -> evaluate -> report. A stage writes
 WORKDIR/<stage>/DONE.json last; a stage whose marker exists is skipped, one without is
 (re)run and resumes from whatever it finds (prepared cases, shards, checkpoints).
-Heavy modules are imported inside the stage functions, so that `--stages=train` on an
-accelerator machine never imports the data-preparation stack.
+TensorFlow (the shard writer) loads only in the stages that write shards (clfc_jax.optional).
 """
 import json
-import time
 from pathlib import Path
+import time
 
 from absl import logging
 
+from clfc_jax import evaluate
+from clfc_jax import pseudo_normal
+from clfc_jax.report import page as report_page
+from clfc_jax.train import introvae_trainer
+from clfc_jax.train import trainer
+from clfc_jax.workdir import Workdir, folds_to_run
+from configs import default
+from data_prep import optional
+from data_prep import folds as folds_lib
+from data_prep import normalize, prepare, readers, store, synthetic
+
 STAGES = ('prep', 'introvae', 'pseudo_normal', 'train', 'evaluate', 'report')
-
-
-class Workdir:
-  """Named paths inside WORKDIR (ARCHITECTURE.md's workdir contract)."""
-
-  def __init__(self, root):
-    self.root = Path(root)
-    self.synthetic = self.root / 'data' / 'synthetic'
-    self.prep = self.root / 'prep'
-    self.prep_cases = self.prep / 'cases'
-    self.prep_normal = self.prep / 'normal'
-    self.folds = self.prep / 'folds.json'
-    self.tfds = self.root / 'tfds'
-    self.introvae = self.root / 'introvae'
-    self.pseudo_normal = self.root / 'pseudo_normal'
-    self.runs = self.root / 'runs'
-    self.eval = self.root / 'eval'
-    self.report = self.root / 'report'
-
-  def hist_refs(self, fold):
-    return self.prep / f'hist_refs_fold{fold}.json'
-
-  @property
-  def hist_refs_normal(self):
-    return self.prep / 'hist_refs_normal.json'
-
-  def marker(self, stage):
-    return self.root / stage / 'DONE.json'
-
-
-def folds_to_run(config):
-  return list(range(config.data.num_folds)) if config.fold < 0 else [config.fold]
 
 
 def resolve_data_roots(config, wd: Workdir):
@@ -55,7 +34,6 @@ def resolve_data_roots(config, wd: Workdir):
   if 'synthetic' not in config:
     raise ValueError('config.dataset.root is empty: point it at your cohort '
                      '(e.g. --config.dataset.root=/data/MICCAI_BraTS_2019_Data_Training)')
-  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
   s = config.synthetic
   done = wd.synthetic / 'cohort.json'
   if not done.exists():
@@ -70,8 +48,7 @@ def stage_prep(config, wd: Workdir):
   Tumor shards are written here without pseudo-normal stacks (enough for baseline1); the
   pseudo_normal stage adds a second build with them.
   """
-  from data_prep import folds as folds_lib  # pylint: disable=g-import-not-at-top
-  from data_prep import normalize, prepare, readers, store, tfds_builders  # pylint: disable=g-import-not-at-top
+  tfds_builders = optional.tfds_builders()
   tumor_root, normal_root = resolve_data_roots(config, wd)
   summary = {'tumor': prepare.prepare_cohort(readers.find_cases(config, tumor_root), config,
                                              wd.prep_cases)}
@@ -104,26 +81,19 @@ def stage_prep(config, wd: Workdir):
 
 def stage_introvae(config, wd: Workdir):
   """Trains the IntroVAE on normal T1 slices (frozen afterwards)."""
-  from clfc_jax import normal_appearance  # pylint: disable=g-import-not-at-top
-  return normal_appearance.train_introvae(config, wd)
+  return introvae_trainer.train_introvae(config, wd)
 
 
 def stage_pseudo_normal(config, wd: Workdir):
   """Reconstructs every tumor case's pseudo-normal T1 once; shards with the 2.5D stacks."""
-  from clfc_jax import normal_appearance  # pylint: disable=g-import-not-at-top
-  return normal_appearance.make_pseudo_normals(config, wd)
-
-
-def _method_config(config, method):
-  from configs import default  # pylint: disable=g-import-not-at-top
-  return default.apply_method(config.copy_and_resolve_references(), method)
+  return pseudo_normal.make_pseudo_normals(config, wd)
 
 
 def ensure_tumor_shards(config, wd: Workdir):
   """Builds the folds' tumor shards if these data settings (K, crop, folds, validation share)
   have none yet: from the prepared volumes, so no registration is redone. Existing builds
   are reused as they are."""
-  from data_prep import tfds_builders  # pylint: disable=g-import-not-at-top
+  tfds_builders = optional.tfds_builders()
   with_pn = any(wd.pseudo_normal.glob('*.npz')) if wd.pseudo_normal.is_dir() else False
   for k in folds_to_run(config):
     tfds_builders.build(tfds_builders.tumor_slices_builder(
@@ -133,23 +103,20 @@ def ensure_tumor_shards(config, wd: Workdir):
 
 def stage_train(config, wd: Workdir):
   """Trains every method of config.methods on every fold to run."""
-  from clfc_jax import trainer  # pylint: disable=g-import-not-at-top
   ensure_tumor_shards(config, wd)
-  return {f'{m}/fold{k}': trainer.train_and_evaluate(_method_config(config, m), wd.root, k)
+  return {f'{m}/fold{k}': trainer.train_and_evaluate(default.method_config(config, m), wd.root, k)
           for m in config.methods for k in folds_to_run(config)}
 
 
 def stage_evaluate(config, wd: Workdir):
   """Scores every method's best checkpoint on its held-out fold, in native space."""
-  from clfc_jax import evaluate  # pylint: disable=g-import-not-at-top
-  return {f'{m}/fold{k}': evaluate.evaluate_fold(_method_config(config, m), wd.root, k, m)
+  return {f'{m}/fold{k}': evaluate.evaluate_fold(default.method_config(config, m), wd.root, k)
           for m in config.methods for k in folds_to_run(config)}
 
 
 def stage_report(config, wd: Workdir):
   """Table 1, Wilcoxon tests and figures under WORKDIR/report."""
-  from clfc_jax import report  # pylint: disable=g-import-not-at-top
-  return report.write_report(config, wd.root, list(config.methods), folds_to_run(config))
+  return report_page.write_report(config, wd.root, list(config.methods), folds_to_run(config))
 
 
 _STAGE_FNS = {
@@ -178,6 +145,6 @@ def run(config, workdir, stages):
     out = _STAGE_FNS[stage](config, wd)
     record = {'status': 'done', 'seconds': round(time.time() - start, 1), 'summary': out}
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(record, indent=1, default=str))
+    store.write_text(marker, json.dumps(record, indent=1, default=str))
     results[stage] = record
   return results

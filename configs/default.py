@@ -2,7 +2,8 @@
 
 Dataset configs (brats.py, msd.py, inhouse.py, demo.py) start from `get_config()` and change
 what differs. Ablations are config variants of one model: `apply_method(config, 'baseline2')`,
-reached from the command line as `--config=configs/brats.py:baseline2`.
+reached from the command line as `--config=configs/brats.py:baseline2`; `method_config(config,
+method)` is the one place a method's own config is made from the main job's.
 """
 import ml_collections
 
@@ -199,3 +200,11 @@ def apply_method(c, method):
     c.clfc.use_simsiam = False
     c.loss.sim_weight = 0.0
   return c
+
+
+def method_config(config, method=None):
+  """A resolved copy of `config` for `method` (default: config.method); `config` is untouched."""
+  c = config.copy_and_resolve_references()
+  if method is None or method == c.method:
+    return c
+  return apply_method(c, method)

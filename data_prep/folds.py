@@ -6,11 +6,13 @@ patients (model selection) are carved from the training folds, never from the te
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from data_prep import store
+from data_prep.case import CaseError
 
 
 def make_folds(case_ids: Sequence[str], groups: Optional[Sequence[str]] = None,
@@ -52,16 +54,12 @@ def split_for_fold(folds, k: int, val_fraction: float, seed: int) -> dict:
 def save_folds(path, folds, seed: int) -> Path:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'.{path.name}.tmp')
-  tmp.write_text(json.dumps({'seed': int(seed), 'num_folds': len(folds),
-                             'folds': [list(f) for f in folds]}, indent=1))
-  os.replace(tmp, path)
-  return path
+  return store.write_text(path, json.dumps({'seed': int(seed), 'num_folds': len(folds),
+                                            'folds': [list(f) for f in folds]}, indent=1))
 
 
 def load_folds(path) -> dict:
   """{'seed', 'num_folds', 'folds'} as written by save_folds."""
-  from data_prep.case import CaseError  # pylint: disable=g-import-not-at-top
   path = Path(path)
   try:
     record = json.loads(path.read_text())
@@ -87,18 +85,11 @@ def load_or_make_folds(path, case_ids, groups, config) -> list:
   return folds
 
 
-def prepared_case_ids(directory) -> list:
-  """The complete prepared cases in `directory` (see store.prepared_ids)."""
-  from data_prep import store  # pylint: disable=g-import-not-at-top
-  return store.prepared_ids(directory)
-
-
 def prepared_split(prep_dir, config, fold: int) -> dict:
   """Fold `fold`'s {'train','val','test'} ids over prep/cases, via prep/folds.json."""
-  from data_prep.case import CaseError  # pylint: disable=g-import-not-at-top
   prep_dir = Path(prep_dir)
-  cases_dir = prep_dir / 'cases'
-  ids = prepared_case_ids(cases_dir)
+  cases_dir = prep_dir / store.CASES_DIR
+  ids = store.prepared_ids(cases_dir)
   if not ids:
     raise CaseError(cases_dir, 'no prepared cases (run the prep stage first)')
   groups = []
@@ -107,5 +98,5 @@ def prepared_split(prep_dir, config, fold: int) -> dict:
       groups.append(json.loads((cases_dir / f'{i}.json').read_text()).get('group', ''))
     except ValueError as e:
       raise CaseError(cases_dir / f'{i}.json', f'unreadable case metadata ({e})') from None
-  fold_lists = load_or_make_folds(prep_dir / 'folds.json', ids, groups, config)
+  fold_lists = load_or_make_folds(prep_dir / store.FOLDS_FILE, ids, groups, config)
   return split_for_fold(fold_lists, fold, config.data.val_fraction, config.data.split_seed)

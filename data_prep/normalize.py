@@ -13,12 +13,13 @@ Nyul map is a few lines of numpy on top of np.percentile / np.interp.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from data_prep import folds as folds_lib
+from data_prep import store
 from data_prep.case import CaseError
 
 _MIN_STEP = 1e-6   # keeps landmarks strictly increasing on flat histograms.
@@ -95,10 +96,7 @@ def save_references(refs: dict, path, fitted_on: Optional[Sequence[str]] = None)
   record = {'landmarks': {m: [float(x) for x in v] for m, v in refs.items()}}
   if fitted_on is not None:
     record['fitted_on'] = sorted(fitted_on)
-  tmp = path.with_name(f'.{path.name}.tmp')
-  tmp.write_text(json.dumps(record, indent=1))
-  os.replace(tmp, path)
-  return path
+  return store.write_text(path, json.dumps(record, indent=1))
 
 
 def load_references(path) -> dict:
@@ -124,7 +122,6 @@ def load_or_fit_references(path, prep_dir, ids: Sequence[str], modalities, confi
 
   A file that does not record its ids (written by the prep stage) is trusted as is.
   """
-  from data_prep import store  # pylint: disable=g-import-not-at-top
   path = Path(path)
   if path.exists():
     fitted_on = references_fitted_on(path)
@@ -145,6 +142,11 @@ def to_unit_range(matched, brain, config) -> np.ndarray:
   return np.where(np.asarray(brain, bool), out, -1.0).astype(np.float32)
 
 
+def reference_path(prep_dir, fold: int) -> Path:
+  """prep/hist_refs_fold<k>.json: fold k's references, fitted on its training patients."""
+  return Path(prep_dir) / f'hist_refs_fold{int(fold)}.json'
+
+
 def normal_reference_path(prep_dir, fold: Optional[int] = None) -> Path:
   """prep/hist_refs_normal.json (normal cohort) or its per-fold fallback file."""
   name = 'hist_refs_normal.json' if fold is None else f'hist_refs_normal_fold{fold}.json'
@@ -157,15 +159,14 @@ def normal_t1_reference(prep_dir, config, fold: int = 0) -> np.ndarray:
   With a normal cohort (prep/normal/): fitted on all its subjects. Without one (fallback):
   fitted on fold `fold`'s training (train+val) tumor cases, never on its test fold.
   """
-  from data_prep import folds as folds_lib  # pylint: disable=g-import-not-at-top
   prep_dir = Path(prep_dir)
   modality = config.dataset.normal_modality
-  normal_ids = folds_lib.prepared_case_ids(prep_dir / 'normal')
+  normal_ids = store.prepared_ids(prep_dir / store.NORMAL_DIR)
   if normal_ids:
-    return load_or_fit_references(normal_reference_path(prep_dir), prep_dir / 'normal',
+    return load_or_fit_references(normal_reference_path(prep_dir), prep_dir / store.NORMAL_DIR,
                                   normal_ids, (modality,), config)[modality]
   split = folds_lib.prepared_split(prep_dir, config, fold)
   ids = split['train'] + split['val']
-  return load_or_fit_references(normal_reference_path(prep_dir, fold), prep_dir / 'cases',
+  return load_or_fit_references(normal_reference_path(prep_dir, fold), prep_dir / store.CASES_DIR,
                                 ids, (modality,), config)[modality]
 

@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
+from tqdm import tqdm
 
 from data_prep import register, store, validate
 from data_prep.case import Case, CaseError, LoadedCase
@@ -216,7 +217,6 @@ def prepare_cohort(cases, config, out_dir, *, num_workers: Optional[int] = None,
   Summary: {'prepared': [ids], 'reused': [ids], 'skipped': {id: reason}, 'seconds': ...}.
   Writes only `out_dir/<id>.{npz,json}` and `out_dir/prep_summary.json`.
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   out_dir = Path(out_dir)
   cases = list(cases)
   _refuse_input_folder(cases, out_dir)
@@ -259,9 +259,7 @@ def prepare_cohort(cases, config, out_dir, *, num_workers: Optional[int] = None,
       'seconds_per_case': {i: round(s, 2) for i, reason, s in sorted(results) if reason is None},
       'workers': workers,
   }
-  tmp = out_dir / f'.{SUMMARY_NAME}.tmp'
-  tmp.write_text(json.dumps(summary, indent=1))
-  os.replace(tmp, out_dir / SUMMARY_NAME)
+  store.write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=1))
   if progress:
     print(format_summary(summary, out_dir))
   return summary

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from data_prep.case import Case, CaseError, ImageRef
 
@@ -54,6 +54,123 @@ def find_normal_cases(root, modality='t1') -> list[Case]:
   if not cases:
     raise CaseError(root, 'no IXI T1 files found (expected IXI<nnn>-<site>-<nnnn>-T1.nii.gz)')
   return _sorted_unique(cases, root)
+
+
+# --- new patients (clfc_jax.segment): a patient folder, files, 4-D files, a cohort folder -------
+# Unlike find_cases, these take whatever a user hands over: any case folder names, a folder per
+# patient or group, MSD imagesTs/, and files named `<modality>` or `*_<modality>`.
+_MSD_FOLDERS = ('imagesTs', 'imagesTr')
+
+
+def _stem(path: Path) -> str:
+  return strip_nifti(path.name)
+
+
+def _niftis(folder: Path) -> list:
+  return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith('.')
+                and p.name.endswith(NIFTI_SUFFIXES))
+
+
+def case_from_files(files: Mapping[str, Any], case_id: Optional[str] = None) -> Case:
+  """A patient given as modality -> file; the id defaults to the first file's name without
+  its `_<modality>` ending."""
+  if not files:
+    raise ValueError('no image files given')
+  images = {m: ImageRef(Path(p).expanduser()) for m, p in files.items()}
+  if not case_id:
+    modality, ref = next(iter(images.items()))
+    case_id = _stem(ref.path)
+    for ending in (f'_{modality}', f'-{modality}', f'.{modality}'):
+      if case_id.lower().endswith(ending.lower()) and len(case_id) > len(ending):
+        case_id = case_id[:-len(ending)]
+  return Case(case_id, images)
+
+
+def case_from_4d_file(path, config, case_id: Optional[str] = None) -> Case:
+  """An MSD-style 4-D file; its channels are named by config.dataset.msd_channels."""
+  path = Path(path).expanduser()
+  channels = list(config.dataset.msd_channels)
+  missing = [m for m in config.dataset.modalities if m not in channels]
+  if missing:
+    raise CaseError(path, f'modalities {missing} are not among dataset.msd_channels '
+                    f'{tuple(channels)} (the 4-D file\'s channel names)')
+  return Case(case_id or _stem(path),
+              {m: ImageRef(path, channel=channels.index(m)) for m in config.dataset.modalities})
+
+
+def case_from_folder(folder, config) -> Case:
+  """A patient folder. Per modality: the dataset's file_pattern, else the one NIfTI named
+  `<modality>` or `*_<modality>`; a folder holding a single NIfTI is a 4-D (MSD) case. A
+  modality without a file points at its expected path: loading then says "file missing"."""
+  folder = Path(folder).expanduser()
+  if not folder.is_dir():
+    raise CaseError(folder, 'patient folder does not exist')
+  files = _niftis(folder)
+  modalities = list(config.dataset.modalities)
+  matches = {m: [] for m in modalities}
+  for path in files:
+    stem = _stem(path).lower()
+    for m in modalities:
+      if stem == m.lower() or stem.endswith(f'_{m.lower()}'):
+        matches[m].append(path)
+  if len(files) == 1 and not any(matches.values()):
+    return case_from_4d_file(files[0], config, case_id=folder.name)
+  images = {}
+  for m in modalities:
+    expected = folder / config.dataset.file_pattern.format(case=folder.name, modality=m)
+    if expected.is_file():
+      images[m] = ImageRef(expected)
+    elif len(matches[m]) == 1:
+      images[m] = ImageRef(matches[m][0])
+    elif len(matches[m]) > 1:
+      names = ', '.join(p.name for p in matches[m])
+      raise CaseError(folder, f'several files could be the {m} image: {names}')
+    else:
+      images[m] = ImageRef(expected)
+  return Case(folder.name, images)
+
+
+def find_patients(input_dir, config):
+  """(cases, problems {id: reason}) of a folder of new patients, sorted by id.
+
+  Patients: 4-D NIfTI files directly in the folder or in imagesTs/ / imagesTr/ (MSD), case
+  folders, and case folders inside group folders (BraTS HGG/LGG). A patient that cannot even
+  be described is a problem, never the end of the cohort.
+  """
+  root = Path(input_dir).expanduser()
+  if not root.is_dir():
+    raise CaseError(root, 'cohort folder does not exist or is not a folder')
+  found, problems = [], {}
+
+  def add(make, name):
+    try:
+      found.append(make())
+    except CaseError as e:
+      problems[name] = str(e)
+
+  stems = [_stem(p).lower() for p in _niftis(root)]
+  if all(any(s == m.lower() or s.endswith(f'_{m.lower()}') for s in stems)
+         for m in config.dataset.modalities):
+    raise CaseError(root, "holds one patient's modality files: give it as one patient "
+                    '(--case-dir)')
+  file_dirs = [root] + [root / d for d in _MSD_FOLDERS if (root / d).is_dir()]
+  for d in file_dirs:
+    for path in _niftis(d):
+      add(lambda p=path: case_from_4d_file(p, config), _stem(path))
+  subdirs = lambda f: sorted(p for p in f.iterdir() if p.is_dir() and not p.name.startswith(
+      ('.', '__MACOSX')) and not (f == root and p.name in _MSD_FOLDERS + ('labelsTr',)))
+  for sub in subdirs(root):
+    folders = [sub] if _niftis(sub) else [g for g in subdirs(sub) if _niftis(g)]
+    for folder in folders:
+      add(lambda f=folder: case_from_folder(f, config), folder.name)
+  ids = [c.case_id for c in found]
+  dupes = sorted({i for i in ids if ids.count(i) > 1})
+  if dupes:
+    raise CaseError(root, f'patient ids occur twice: {dupes}')
+  if not found and not problems:
+    raise CaseError(root, 'no patients found (expected case folders with one NIfTI per '
+                    'modality, or 4-D NIfTI files)')
+  return sorted(found, key=lambda c: c.case_id), problems
 
 
 _LAYOUT_HELP = {

@@ -15,6 +15,7 @@ import functools
 import numpy as np
 import SimpleITK as sitk
 
+from data_prep import optional
 from data_prep.case import CaseError
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -69,7 +70,7 @@ def mni_template(spacing: float, mask_threshold: float = 0.2):
   The mask is GM + WM probability above `mask_threshold`, holes (ventricles) filled.
   Cached: every case of a run shares one template; treat the images as read-only.
   """
-  from nilearn import datasets  # pylint: disable=g-import-not-at-top  (slow import, used once)
+  datasets = optional.nilearn_datasets()
   t1 = datasets.load_mni152_template(resolution=1)
   gm = datasets.load_mni152_gm_template(resolution=1)
   wm = datasets.load_mni152_wm_template(resolution=1)

@@ -8,13 +8,19 @@ The JSON holds everything needed to map a prediction back to the native file.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
+
+# WORKDIR/prep's layout (clfc_jax.workdir builds every other path on these).
+CASES_DIR = 'cases'          # prepared tumor cases
+NORMAL_DIR = 'normal'        # prepared normal-cohort subjects
+FOLDS_FILE = 'folds.json'    # the patient-wise folds (data_prep.folds)
 
 
 @dataclasses.dataclass
@@ -44,14 +50,47 @@ def save_prepared(pc: PreparedCase, directory) -> Path:
   if pc.healthy_t1 is not None:
     arrays['healthy_t1'] = pc.healthy_t1.astype(np.float16)
   npz = directory / f'{pc.case_id}.npz'
-  tmp = directory / f'.{pc.case_id}.tmp.npz'
-  np.savez_compressed(tmp, **arrays)
-  os.replace(tmp, npz)
-  meta_path = directory / f'{pc.case_id}.json'
-  tmp_meta = directory / f'.{pc.case_id}.tmp.json'
-  tmp_meta.write_text(json.dumps(pc.meta, indent=1, default=_jsonable))
-  os.replace(tmp_meta, meta_path)
+  save_npz(npz, **arrays)
+  write_text(directory / f'{pc.case_id}.json', json.dumps(pc.meta, indent=1, default=_jsonable))
   return npz
+
+
+# --- atomic writes: a reader never sees half a file, a crash never leaves one ---------------------
+
+def _suffix(path: Path) -> str:
+  return '.nii.gz' if path.name.endswith('.nii.gz') else path.suffix
+
+
+@contextlib.contextmanager
+def atomic_write(path) -> Iterator[Path]:
+  """Yields a hidden temporary path beside `path`; it replaces `path` when the block ends.
+
+  The temporary keeps the suffix (.nii.gz, .npz, .png), so writers that pick the format by
+  suffix still work. If the block raises, the temporary is removed and `path` is untouched.
+  Nest several (contextlib.ExitStack) to write every file or none.
+  """
+  path = Path(path)
+  suffix = _suffix(path)
+  tmp = path.with_name(f'.{path.name[:len(path.name) - len(suffix)]}.tmp{suffix}')
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text: str) -> Path:
+  """`path` gets `text` atomically."""
+  with atomic_write(path) as tmp:
+    tmp.write_text(text, encoding='utf-8')
+  return Path(path)
+
+
+def save_npz(path, **arrays) -> Path:
+  """A compressed .npz written atomically."""
+  with atomic_write(path) as tmp:
+    np.savez_compressed(tmp, **arrays)
+  return Path(path)
 
 
 def load_prepared(directory, case_id) -> PreparedCase:

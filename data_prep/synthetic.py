@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 from pathlib import Path
 import time
 from typing import Optional
@@ -27,6 +26,9 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
+from tqdm import tqdm
+
+from data_prep import optional, store
 
 MODALITIES = ('t1', 't1ce', 't2', 'flair')
 LABEL_NECROSIS, LABEL_EDEMA, LABEL_ENHANCING = 1, 2, 4
@@ -103,7 +105,7 @@ class SyntheticSubject:
 @functools.lru_cache(maxsize=1)
 def _mni():
   """GM, WM, CSF probability maps (float32, template grid) and the template affine."""
-  from nilearn import datasets  # pylint: disable=g-import-not-at-top  (slow import, used once)
+  datasets = optional.nilearn_datasets()
   t1 = datasets.load_mni152_template(resolution=1)
   gm = datasets.load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32)
   wm = datasets.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32)
@@ -562,7 +564,6 @@ def write_tumor_subject(subject: SyntheticSubject, case_id: str, brats_dir) -> P
 def generate_cohort(out_dir, tumor_cases: int, normal_cases: int, seed: int,
                     spacing: float = 1.0, progress: bool = True) -> dict:
   """Writes DIR/BraTS/{HGG,LGG}/..., DIR/IXI/IXI*-T1.nii.gz and, last, DIR/cohort.json."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   if tumor_cases < 0 or normal_cases < 0:
     raise ValueError('case counts must be >= 0')
   if not spacing > 0:
@@ -593,9 +594,7 @@ def generate_cohort(out_dir, tumor_cases: int, normal_cases: int, seed: int,
       save_nifti(subject.images['t1'], subject.affine, path)
       summary['normal_cases'].append({'id': case_id, 'path': str(path.relative_to(out))})
   summary['seconds'] = round(time.time() - start, 2)
-  tmp = out / '.cohort.json.tmp'
-  tmp.write_text(json.dumps(summary, indent=1))
-  os.replace(tmp, out / 'cohort.json')
+  store.write_text(out / 'cohort.json', json.dumps(summary, indent=1))
   return summary
 
 

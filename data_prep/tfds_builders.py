@@ -20,10 +20,11 @@ from typing import Optional
 
 from absl import logging
 import numpy as np
+from scipy import ndimage
 import tensorflow_datasets as tfds
 
 from data_prep import folds as folds_lib
-from data_prep import normalize, slices, store
+from data_prep import inputs, normalize, prepare, readers, slices, store
 from data_prep.case import CaseError
 
 _ZLIB = tfds.features.Encoding.ZLIB
@@ -64,29 +65,6 @@ def _manual_cohort(dl_manager) -> Optional[Path]:
     return Path(dl_manager.manual_dir)
   except (AssertionError, ValueError):
     return None
-
-
-def _check_case(pc: store.PreparedCase, modalities, crop_hw, where: Path):
-  if pc.images.ndim != 4 or tuple(pc.images.shape[2:]) != tuple(crop_hw):
-    raise CaseError(where, f'images have shape {pc.images.shape}, expected [M, Z, '
-                    f'{crop_hw[0]}, {crop_hw[1]}] (was it prepared with another crop?)')
-  missing = [m for m in modalities if m not in pc.modalities]
-  if missing:
-    raise CaseError(where, f'lacks modalities {missing} (has {pc.modalities})')
-  if pc.brain.shape != pc.images.shape[1:]:
-    raise CaseError(where, f'brain mask {pc.brain.shape} does not match images '
-                    f'{pc.images.shape[1:]}')
-
-
-def _matched(pc: store.PreparedCase, modality, landmarks, config, where: Path) -> np.ndarray:
-  try:
-    return normalize.apply_reference(pc.modality(modality), pc.brain, landmarks, config)
-  except ValueError as e:
-    raise CaseError(where, f'{modality}: {e}') from None
-
-
-def _brain_slices(brain, min_fraction) -> np.ndarray:
-  return np.flatnonzero(brain.mean(axis=(1, 2)) >= min_fraction)
 
 
 class TumorSlices(tfds.core.GeneratorBasedBuilder):
@@ -144,20 +122,19 @@ class TumorSlices(tfds.core.GeneratorBasedBuilder):
     c = self._app_config
     if self._prep_dir is None:
       raise ValueError('TumorSlices: pass prep_dir to build the dataset')
-    cases_dir = self._prep_dir / 'cases'
+    cases_dir = self._prep_dir / store.CASES_DIR
     manual = _manual_cohort(dl_manager)
     if manual is not None:   # resumable: prepares what prep/cases lacks.
-      from data_prep import prepare, readers  # pylint: disable=g-import-not-at-top
       c = c.copy_and_resolve_references()
       with c.unlocked():
         c.dataset.root = str(manual)
       prepare.prepare_cohort(readers.find_cases(c), c, cases_dir)
-    if not folds_lib.prepared_case_ids(cases_dir):
+    if not store.prepared_ids(cases_dir):
       raise CaseError(cases_dir, 'no prepared cases and no manual_dir:\n' +
                       MANUAL_DOWNLOAD_INSTRUCTIONS)
     split = folds_lib.prepared_split(self._prep_dir, c, self._fold)
     refs = normalize.load_or_fit_references(
-        self._prep_dir / f'hist_refs_fold{self._fold}.json', cases_dir,
+        normalize.reference_path(self._prep_dir, self._fold), cases_dir,
         split['train'] + split['val'], self._modalities, c)
     return {name: self._generate_examples(ids, refs) for name, ids in split.items() if ids}
 
@@ -169,32 +146,25 @@ class TumorSlices(tfds.core.GeneratorBasedBuilder):
     if not self._with_pseudo_normal or self._pseudo_normal_dir is None:
       return None
     path = self._pseudo_normal_dir / f'{case_id}.npz'
-    if not path.exists():
+    t1 = inputs.load_pseudo_normal(path, shape, missing_ok=True)
+    if t1 is None:
       logging.warning('no pseudo-normal T1 for %s (%s): zeros, has_pseudo_normal=False',
                       case_id, path)
-      return None
-    try:
-      with np.load(path) as z:
-        t1 = z['t1'].astype(np.float32)
-    except (OSError, KeyError, ValueError) as e:
-      raise CaseError(path, f"unreadable pseudo-normal volume (needs key 't1'): {e}") from None
-    if t1.shape != shape:
-      raise CaseError(path, f'pseudo-normal T1 has shape {t1.shape}, the case {shape}')
     return t1
 
   def _case_examples(self, case_id, refs):
     c = self._app_config
-    cases_dir = self._prep_dir / 'cases'
+    cases_dir = self._prep_dir / store.CASES_DIR
     where = cases_dir / f'{case_id}.npz'
     pc = store.load_prepared(cases_dir, case_id)
-    _check_case(pc, self._modalities, self._crop_hw, where)
+    inputs.check_case(pc, self._modalities, self._crop_hw, where)
     if pc.label is None:
       raise CaseError(where, 'tumor case without a label')
-    matched = np.stack([_matched(pc, m, refs[m], c, where) for m in self._modalities])
+    matched = inputs.matched_modalities(pc, refs, self._modalities, c, where)
     tumor = pc.label > 0
     pseudo = self._pseudo_normal(case_id, pc.brain.shape)
     zeros = np.zeros(self._crop_hw + (2 * self._k + 1,), np.float16)
-    for s in _brain_slices(pc.brain, c.data.min_brain_fraction):
+    for s in inputs.brain_slices(pc.brain, c.data.min_brain_fraction):
       yield f'{case_id}_{s:04d}', {
           'image': slices.slice_stack(matched, s, self._k).astype(np.float16),
           'normal': (zeros if pseudo is None else
@@ -261,12 +231,11 @@ class NormalT1Slices(tfds.core.GeneratorBasedBuilder):
     if self._prep_dir is None:
       raise ValueError('NormalT1Slices: pass prep_dir to build the dataset')
     if self._source == 'normal':
-      normal_dir = self._prep_dir / 'normal'
+      normal_dir = self._prep_dir / store.NORMAL_DIR
       manual = _manual_cohort(dl_manager)
       if manual is not None:
-        from data_prep import prepare, readers  # pylint: disable=g-import-not-at-top
         prepare.prepare_cohort(readers.find_normal_cases(manual, self._modality), c, normal_dir)
-      ids = folds_lib.prepared_case_ids(normal_dir)
+      ids = store.prepared_ids(normal_dir)
       if not ids:
         raise CaseError(normal_dir, 'no prepared normal subjects and no manual_dir:\n' +
                         MANUAL_DOWNLOAD_INSTRUCTIONS)
@@ -277,21 +246,22 @@ class NormalT1Slices(tfds.core.GeneratorBasedBuilder):
                       self._fold, c.data.tumor_free_margin)
       split = folds_lib.prepared_split(self._prep_dir, c, self._fold)
       ids = split['train'] + split['val']
-      source_dir, margin = self._prep_dir / 'cases', int(c.data.tumor_free_margin)
+      source_dir, margin = self._prep_dir / store.CASES_DIR, int(c.data.tumor_free_margin)
     landmarks = normalize.normal_t1_reference(self._prep_dir, c, self._fold)
     return {'train': self._generate_examples(source_dir, ids, landmarks, margin)}
 
   def _generate_examples(self, source_dir, case_ids, landmarks, margin):
-    from scipy import ndimage  # pylint: disable=g-import-not-at-top
     c = self._app_config
     for case_id in case_ids:
       pc = store.load_prepared(source_dir, case_id)
       where = source_dir / f'{case_id}.npz'
-      _check_case(pc, (self._modality,), self._crop_hw, where)
-      unit = normalize.to_unit_range(_matched(pc, self._modality, landmarks, c, where),
-                                     pc.brain, c)
+      inputs.check_case(pc, (self._modality,), self._crop_hw, where)
+      try:
+        unit = inputs.unit_t1(pc.modality(self._modality), pc.brain, landmarks, c)
+      except ValueError as e:
+        raise CaseError(where, f'{self._modality}: {e}') from None
       keep = np.zeros(pc.brain.shape[0], bool)
-      keep[_brain_slices(pc.brain, c.data.min_brain_fraction)] = True
+      keep[inputs.brain_slices(pc.brain, c.data.min_brain_fraction)] = True
       if margin is not None:
         if pc.label is None:
           raise CaseError(where, 'tumor case without a label')
@@ -319,7 +289,7 @@ def tumor_slices_builder(config, data_dir, fold: int, *, with_pseudo_normal: boo
 def normal_source(config, data_dir, prep_dir=None) -> str:
   """'normal' when a normal cohort is prepared (or its slices are built), else 'fallback'."""
   prep_dir = Path(prep_dir) if prep_dir else _default_dir(data_dir, 'prep')
-  if folds_lib.prepared_case_ids(prep_dir / 'normal'):
+  if store.prepared_ids(prep_dir / store.NORMAL_DIR):
     return 'normal'
   probe = NormalT1Slices(app_config=config, source='normal', prep_dir=prep_dir,
                          data_dir=str(data_dir))

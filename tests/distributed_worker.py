@@ -37,7 +37,8 @@ def params_hash(params) -> str:
 def main(process_id, port, data_dir, workdir, out_json):
   # CPU collectives across processes go through gloo (the default has none).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  from clfc_jax import trainer  # pylint: disable=g-import-not-at-top
+  from clfc_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from clfc_jax.workdir import Workdir  # pylint: disable=g-import-not-at-top
   c = tiny_config(int(process_id), int(port))
   read = []
 
@@ -46,7 +47,7 @@ def main(process_id, port, data_dir, workdir, out_json):
     return batch
 
   summary = trainer.train_and_evaluate(c, workdir, 0, batch_hook=record_ids, data_dir=data_dir)
-  state, _ = trainer.restore_state(c, workdir, 0, best=False)
+  state, _, _ = trainer.restore_state(c, Workdir(workdir).run_dir(c.method, 0), best=False)
   result = {'process_index': jax.process_index(), 'process_count': jax.process_count(),
             'devices': jax.device_count(), 'local_devices': jax.local_device_count(),
             'read': read, 'params_hash': params_hash(state.params),

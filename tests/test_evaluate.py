@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from benchmarks import pipeline
-from clfc_jax import checkpoints, evaluate, metrics, sharding, stages, train
+from clfc_jax import checkpoints, evaluate, metrics, predict, sharding
+from clfc_jax.train import steps as train
+from clfc_jax.workdir import Workdir
 from clfc_jax.models import segmenter
 from configs import default, demo
-from data_prep import folds, normalize, prepare, readers, store, synthetic
+from data_prep import folds, inputs as inputs_lib, normalize, prepare, readers, store, synthetic
 from data_prep.case import Case, CaseError, ImageRef
 
 
@@ -29,7 +31,7 @@ def cohort(tmp_path_factory):
   """WORKDIR with 2 prepared tumor cases, folds, fold-0 references, pseudo-normals, a checkpoint."""
   root = tmp_path_factory.mktemp('evaluate')
   config = _config()
-  wd = stages.Workdir(root / 'work')
+  wd = Workdir(root / 'work')
   synthetic.generate_cohort(root / 'syn', 2, 0, seed=3, spacing=2.0, progress=False)
   for case in readers.find_cases(config, root / 'syn' / 'BraTS'):
     prepare.prepare_case(case, config, wd.prep_cases)
@@ -57,9 +59,9 @@ def _test_case(cohort):
 def test_case_inputs_are_matched_modality_major_stacks(cohort):
   config, refs = cohort['config'], cohort['refs']
   pc = _test_case(cohort)
-  pseudo = evaluate.load_pseudo_normal(cohort['wd'].pseudo_normal / f'{pc.case_id}.npz',
+  pseudo = inputs_lib.load_pseudo_normal(cohort['wd'].pseudo_normal / f'{pc.case_id}.npz',
                                        pc.brain.shape)
-  inputs = evaluate.case_inputs(pc, refs, config, pseudo)
+  inputs = inputs_lib.case_inputs(pc, refs, config, pseudo)
   z, h, w = pc.brain.shape
   n = 2 * config.data.k + 1
   assert inputs['image'].shape == (z, h, w, 4 * n) and inputs['image'].dtype == np.float32
@@ -73,24 +75,24 @@ def test_case_inputs_are_matched_modality_major_stacks(cohort):
                                    atol=2e-3, rtol=1e-3)
   np.testing.assert_allclose(inputs['normal'][5, :, :, 0], pseudo[4], atol=1e-3)
   # baseline1 has no normal net; the full model refuses to run without its pseudo-normal.
-  assert 'normal' not in evaluate.case_inputs(pc, refs, _config('baseline1'))
+  assert 'normal' not in inputs_lib.case_inputs(pc, refs, _config('baseline1'))
   with pytest.raises(CaseError, match='pseudo-normal'):
-    evaluate.case_inputs(pc, refs, config)
+    inputs_lib.case_inputs(pc, refs, config)
   with pytest.raises(CaseError, match='no pseudo-normal'):
-    evaluate.load_pseudo_normal(cohort['wd'].pseudo_normal / 'nobody.npz', pc.brain.shape)
+    inputs_lib.load_pseudo_normal(cohort['wd'].pseudo_normal / 'nobody.npz', pc.brain.shape)
 
 
 def test_predict_volume_equals_unbatched_per_slice_prediction(cohort):
   config, model, variables = cohort['config'], cohort['model'], cohort['variables']
   pc = _test_case(cohort)
-  pseudo = evaluate.load_pseudo_normal(cohort['wd'].pseudo_normal / f'{pc.case_id}.npz',
+  pseudo = inputs_lib.load_pseudo_normal(cohort['wd'].pseudo_normal / f'{pc.case_id}.npz',
                                        pc.brain.shape)
-  inputs = {k: v[30:37] for k, v in evaluate.case_inputs(pc, cohort['refs'], config,
+  inputs = {k: v[30:37] for k, v in inputs_lib.case_inputs(pc, cohort['refs'], config,
                                                           pseudo).items()}
   mesh = sharding.make_mesh()
   assert len(mesh.local_devices) == 4
-  eval_fn = train.make_jitted_steps(config, mesh, model).eval
-  prob = evaluate.predict_volume(eval_fn, variables, inputs, 4, mesh)   # 4 + 3 padded
+  fns = predict.segmenter_fns(config, mesh)
+  prob = predict.predict_volume(fns, variables, inputs, 4, mesh)   # 4 + 3 padded
   assert prob.shape == (7,) + pc.brain.shape[1:] and prob.dtype == np.float32
 
   @jax.jit
@@ -103,10 +105,8 @@ def test_predict_volume_equals_unbatched_per_slice_prediction(cohort):
   np.testing.assert_allclose(prob, expected, atol=1e-5)
   assert prob.std() > 0   # a real network, not a constant
   with pytest.raises(ValueError, match='multiple of the 4 devices'):
-    evaluate.predict_volume(eval_fn, variables, inputs, 6, mesh)
-  config.eval.batch_size = 6
-  assert evaluate.eval_batch_size(config, mesh) == 8
-  config.eval.batch_size = 8
+    predict.predict_volume(fns, variables, inputs, 6, mesh)
+  assert predict.round_batch(6, mesh) == 8
 
 
 def test_true_label_as_probability_lands_on_the_native_label(cohort, tmp_path):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from data_prep import folds
+from data_prep import folds, store
 
 
 def _cohort(n=23):
@@ -66,9 +66,9 @@ def test_load_or_make_reuses_consistent_folds(tmp_path):
   assert np.any([f != c for f, c in zip(more, custom)])
 
 
-def test_prepared_case_ids_skip_non_cases(tmp_path):
+def test_prepared_ids_skip_non_cases(tmp_path):
   (tmp_path / 'A.json').write_text('{}')
   (tmp_path / 'A.npz').write_bytes(b'')
   (tmp_path / 'prep_summary.json').write_text('{}')
   (tmp_path / 'B.npz').write_bytes(b'')   # no JSON yet: incomplete.
-  assert folds.prepared_case_ids(tmp_path) == ['A']
+  assert store.prepared_ids(tmp_path) == ['A']

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clfc_jax import introvae_train
+from clfc_jax.train import introvae_steps as introvae_train
 from clfc_jax.models import introvae as introvae_model
 from configs import default
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from benchmarks.pipeline import toy_prepared_cohort
-from clfc_jax import introvae_train
-from clfc_jax import normal_appearance as na
-from clfc_jax import stages
+from clfc_jax import pseudo_normal
+from clfc_jax.train import introvae_steps as introvae_train
+from clfc_jax.train import introvae_trainer as trainer
+from clfc_jax.workdir import Workdir
 from configs import default
 from data_prep import normalize, store, tfds_builders
 
@@ -52,22 +53,22 @@ def _add_healthy_t1(cases_dir, case_id):
 def work(tmp_path_factory):
   """A toy prepared cohort (3 tumor cases with healthy T1s, 2 normal subjects), normal shards,
   an IntroVAE trained 1 epoch, rerun, then extended to 2 epochs (resume)."""
-  wd = stages.Workdir(tmp_path_factory.mktemp('work'))
+  wd = Workdir(tmp_path_factory.mktemp('work'))
   ids = toy_prepared_cohort(wd.prep, num_cases=3, num_normal=2, z=Z, hw=HW, modalities=MODS)
   for cid in ids:
     _add_healthy_t1(wd.prep_cases, cid)
   c = tiny_config(epochs=1)
   tfds_builders.build(tfds_builders.normal_t1_builder(c, wd.tfds, fold=0, prep_dir=wd.prep))
-  first = na.train_introvae(c, wd)
-  again = na.train_introvae(c, wd)
-  events_before = (wd.introvae / na.METRICS_NAME).read_text().splitlines()
-  longer = na.train_introvae(tiny_config(epochs=2), wd)
+  first = trainer.train_introvae(c, wd)
+  again = trainer.train_introvae(c, wd)
+  events_before = (wd.introvae / trainer.METRICS_NAME).read_text().splitlines()
+  longer = trainer.train_introvae(tiny_config(epochs=2), wd)
   return {'wd': wd, 'ids': ids, 'first': first, 'again': again, 'longer': longer,
           'events_before': events_before}
 
 
 def _events(wd):
-  return [json.loads(line) for line in (wd.introvae / na.METRICS_NAME).read_text().splitlines()]
+  return [json.loads(line) for line in (wd.introvae / trainer.METRICS_NAME).read_text().splitlines()]
 
 
 def test_training_writes_checkpoints_logs_and_samples(work):
@@ -81,9 +82,9 @@ def test_training_writes_checkpoints_logs_and_samples(work):
   assert list(wd.introvae.glob('events.out.tfevents*'))
   assert (wd.introvae / 'checkpoints' / '2').is_dir()
   import matplotlib.image  # pylint: disable=g-import-not-at-top
-  png = matplotlib.image.imread(wd.introvae / na.SAMPLES_NAME)
+  png = matplotlib.image.imread(wd.introvae / trainer.SAMPLES_NAME)
   assert png.ndim == 3 and png.shape[0] > 50 and png.std() > 0.01
-  assert json.loads((wd.introvae / na.SUMMARY_NAME).read_text())['final_step'] == 4
+  assert json.loads((wd.introvae / trainer.SUMMARY_NAME).read_text())['final_step'] == 4
 
 
 def test_rerun_resumes_instead_of_retraining(work):
@@ -103,30 +104,30 @@ def test_rerun_resumes_instead_of_retraining(work):
 
 def test_resumed_training_equals_an_uninterrupted_run(work, tmp_path):
   src = work['wd']
-  wd = stages.Workdir(tmp_path)
+  wd = Workdir(tmp_path)
   os.symlink(src.prep, wd.prep)
   os.symlink(src.tfds, wd.tfds)
-  straight = na.train_introvae(tiny_config(epochs=2), wd)
+  straight = trainer.train_introvae(tiny_config(epochs=2), wd)
   assert straight['epochs_run'] == 2 and straight['final_step'] == 4
   c = tiny_config(epochs=2)
-  a, b = na.restore_introvae(c, src), na.restore_introvae(c, wd)
+  a, b = trainer.restore_introvae(c, src), trainer.restore_introvae(c, wd)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_epoch_stream_depends_only_on_seed_and_epoch():
-  assert na.epoch_seed(0, 3) == na.epoch_seed(0, 3)
-  assert len({na.epoch_seed(0, e) for e in range(5)} | {na.epoch_seed(1, 0)}) == 6
-  assert na.round_batch(120, 8) == 120 and na.round_batch(10, 4) == 8 and na.round_batch(2, 4) == 4
+  assert trainer.epoch_seed(0, 3) == trainer.epoch_seed(0, 3)
+  assert len({trainer.epoch_seed(0, e) for e in range(5)} | {trainer.epoch_seed(1, 0)}) == 6
+  assert trainer.round_batch(120, 8) == 120 and trainer.round_batch(10, 4) == 8 and trainer.round_batch(2, 4) == 4
 
 
 @pytest.fixture(scope='module')
 def pseudo(work):
   wd = work['wd']
   c = tiny_config(epochs=2)
-  summary = na.make_pseudo_normals(c, wd, folds=[0])
+  summary = pseudo_normal.make_pseudo_normals(c, wd, folds=[0])
   mtimes = {p.name: p.stat().st_mtime_ns for p in wd.pseudo_normal.glob('*.npz')}
-  rerun = na.make_pseudo_normals(c, wd, build_shards=False)
+  rerun = pseudo_normal.make_pseudo_normals(c, wd, build_shards=False)
   return {'summary': summary, 'rerun': rerun, 'mtimes': mtimes, 'config': c}
 
 
@@ -151,7 +152,7 @@ def test_pseudo_normal_is_the_mu_reconstruction_of_the_matched_t1(work, pseudo):
   landmarks = normalize.normal_t1_reference(wd.prep, c, 0)
   unit = normalize.to_unit_range(normalize.apply_reference(pc.modality('t1'), pc.brain,
                                                            landmarks, c), pc.brain, c)
-  state = na.restore_introvae(c, wd)
+  state = trainer.restore_introvae(c, wd)
   assert int(state.step) == 4
   enc, dec = jax.device_get((state.enc_params, state.dec_params))
   s = Z // 2
@@ -193,7 +194,7 @@ def test_fidelity_of_a_perfect_pseudo_normal_is_zero():
   label = np.zeros(healthy.shape, np.uint8)
   label[1:3, 2:5, 2:5] = 2
   tumor_t1 = np.where(label > 0, 1.0, healthy)
-  row = na.case_fidelity(healthy, tumor_t1, healthy, brain, label)
+  row = pseudo_normal.case_fidelity(healthy, tumor_t1, healthy, brain, label)
   assert row['mae_tumor_pseudo'] == 0 and row['mae_normal_pseudo'] == 0
   assert row['mae_normal_input'] == 0
   assert row['mae_tumor_input'] == pytest.approx(np.mean(1.0 - healthy[label > 0]))
@@ -214,23 +215,23 @@ def test_shards_carry_the_pseudo_normal_stacks(work, pseudo):
 
 def test_nan_in_training_raises_a_clear_error(work, tmp_path):
   src = work['wd']
-  wd = stages.Workdir(tmp_path)
+  wd = Workdir(tmp_path)
   os.symlink(src.prep, wd.prep)
   os.symlink(src.tfds, wd.tfds)
 
   def poison(batch, step):
     return {'image': np.full_like(batch['image'], np.nan)} if step == 1 else batch
 
-  with pytest.raises(na.IntroVAEDiverged, match='non-finite .*enc/loss') as info:
-    na.train_introvae(tiny_config(epochs=1), wd, batch_hook=poison)
+  with pytest.raises(trainer.IntroVAEDiverged, match='non-finite .*enc/loss') as info:
+    trainer.train_introvae(tiny_config(epochs=1), wd, batch_hook=poison)
   assert info.value.step == 1 and info.value.last_good_step is None
-  assert not (wd.introvae / na.SUMMARY_NAME).exists()
+  assert not (wd.introvae / trainer.SUMMARY_NAME).exists()
   assert not [p for p in (wd.introvae / 'checkpoints').iterdir() if p.name.isdigit()]
   assert any(e['event'] == 'diverged' for e in _events(wd))
 
 
 def test_pseudo_normals_need_a_trained_introvae(tmp_path):
-  wd = stages.Workdir(tmp_path)
+  wd = Workdir(tmp_path)
   toy_prepared_cohort(wd.prep, num_cases=1, num_normal=1, z=Z, hw=HW, modalities=MODS)
   with pytest.raises(FileNotFoundError, match='introvae stage'):
-    na.make_pseudo_normals(tiny_config(), wd)
+    pseudo_normal.make_pseudo_normals(tiny_config(), wd)

@@ -9,7 +9,10 @@ import pytest
 from scipy import stats as scipy_stats
 
 from benchmarks import pipeline
-from clfc_jax import checkpoints, report, run_log, stages, stats, train
+from clfc_jax import checkpoints, run_log, stats
+from clfc_jax.report import page as report
+from clfc_jax.train import steps as train
+from clfc_jax.workdir import Workdir
 from clfc_jax.models import segmenter
 from configs import demo
 from data_prep import folds, normalize, prepare, readers, store, synthetic
@@ -141,7 +144,7 @@ def figure_workdir(tmp_path_factory):
   prediction files); baseline2 was never trained."""
   root = tmp_path_factory.mktemp('report_figures')
   config = _figure_config()
-  wd = stages.Workdir(root / 'work')
+  wd = Workdir(root / 'work')
   synthetic.generate_cohort(root / 'syn', 2, 0, seed=5, spacing=2.0, progress=False)
   for case in readers.find_cases(config, root / 'syn' / 'BraTS'):
     prepare.prepare_case(case, config, wd.prep_cases)

@@ -14,10 +14,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from clfc_jax import checkpoints, evaluate, introvae_train, normal_appearance, segment
-from clfc_jax import sharding, stages, train
+from clfc_jax import checkpoints, predict, segment, sharding
+from clfc_jax.train import introvae_steps as introvae_train
+from clfc_jax.train import steps as train
+from clfc_jax.workdir import Workdir
 from configs import demo
-from data_prep import normalize, prepare, synthetic, validate
+from data_prep import inputs, normalize, prepare, synthetic, validate
 from data_prep.case import Case, CaseError, ImageRef
 
 SEED = 11
@@ -73,9 +75,9 @@ def _train_segmenter(config, mesh, cases, refs, pseudo):
   """SGD on every slice of the prepared cases (half the batch from tumor slices)."""
   images, normals, labels = [], [], []
   for pc in cases:
-    inputs = evaluate.case_inputs(pc, refs, config, pseudo[pc.case_id])
-    images.append(inputs['image'])
-    normals.append(inputs['normal'])
+    case_inputs = inputs.case_inputs(pc, refs, config, pseudo[pc.case_id])
+    images.append(case_inputs['image'])
+    normals.append(case_inputs['normal'])
     labels.append((pc.label > 0).astype(np.int32))
   image, normal, label = map(np.concatenate, (images, normals, labels))
   tumor = np.flatnonzero(label.any(axis=(1, 2)))
@@ -102,7 +104,7 @@ def trained(tmp_path_factory):
   start = time.perf_counter()
   root = tmp_path_factory.mktemp('segment')
   config = _config()
-  wd = stages.Workdir(root / 'work')
+  wd = Workdir(root / 'work')
   wd.root.mkdir()
   (wd.root / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
   subjects, cases = {}, []
@@ -124,7 +126,7 @@ def trained(tmp_path_factory):
 
   # IntroVAE: a few steps on the T1 brain slices, saved as the introvae stage saves it.
   mesh = sharding.make_mesh()
-  units = [normal_appearance.unit_t1(pc.modality('t1'), pc.brain, landmarks['t1'], config)
+  units = [inputs.unit_t1(pc.modality('t1'), pc.brain, landmarks['t1'], config)
            for pc in cases]
   slices = np.concatenate([u[pc.brain.any(axis=(1, 2))] for u, pc in zip(units, cases)])[..., None]
   iv_state, _ = introvae_train.fit_on_arrays(config, slices, INTROVAE_STEPS,
@@ -133,11 +135,9 @@ def trained(tmp_path_factory):
     ckpt.save(INTROVAE_STEPS, iv_state, extra={'epoch': 1})
     ckpt.wait()
   (wd.introvae / 'summary.json').write_text(json.dumps({'final_step': INTROVAE_STEPS}))
-  enc, dec = jax.device_put((iv_state.enc_params, iv_state.dec_params),
-                            sharding.replicated(mesh))
-  recon = normal_appearance.reconstruct_fn(config)
-  pseudo = {pc.case_id: normal_appearance.reconstruct_volume(recon, enc, dec, u, pc.brain, 16,
-                                                             mesh)
+  params = jax.device_put({'enc': iv_state.enc_params, 'dec': iv_state.dec_params},
+                          sharding.replicated(mesh))
+  pseudo = {pc.case_id: predict.reconstruct_volume(config, params, u, pc.brain, mesh)
             for u, pc in zip(units, cases)}
   introvae_s = time.perf_counter() - start - prep_s
 

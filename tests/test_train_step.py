@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from clfc_jax import sharding
-from clfc_jax import train
+from clfc_jax.train import steps as train
 from configs import default
 
 

@@ -10,12 +10,18 @@ import numpy as np
 import pytest
 
 from benchmarks.pipeline import toy_prepared_cohort
-from clfc_jax import checkpoints, input_pipeline, run_log, sharding, trainer
+from clfc_jax import checkpoints, input_pipeline, run_log, sharding
+from clfc_jax.train import trainer
+from clfc_jax.workdir import Workdir
 from data_prep import tfds_builders
 from compiles import xla_compiles
 from tiny_configs import tiny_train_config
 
 FOLD = 0
+
+
+def _run_dir(workdir, c):
+  return Workdir(workdir).run_dir(c.method, FOLD)
 
 
 def tiny_config():
@@ -32,7 +38,7 @@ def data_dir(tmp_path_factory):
 
 
 def _final_state(c, workdir):
-  state, extra = trainer.restore_state(c, workdir, FOLD, best=False)
+  state, _, extra = trainer.restore_state(c, _run_dir(workdir, c), best=False)
   return jax.device_get(state), extra
 
 
@@ -47,7 +53,7 @@ def _tensorboard_tags(directory) -> set:
 
 
 def _events(workdir, c):
-  path = trainer.run_dir(workdir, c, FOLD) / trainer.METRICS_NAME
+  path = _run_dir(workdir, c) / trainer.METRICS_NAME
   return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -65,7 +71,7 @@ def test_run_writes_checkpoints_logs_and_summary(uninterrupted, data_dir):
   assert summary['status'] == 'done' and summary['epochs_run'] == 2
   assert summary['final_step'] == 2 * spe
   assert 0.0 <= summary['best_val_dice'] <= 1.0 and summary['best_step'] in (spe, 2 * spe)
-  out = trainer.run_dir(workdir, c, FOLD)
+  out = _run_dir(workdir, c)
   assert out == workdir / 'runs' / 'baseline1' / 'fold0'
   assert json.loads((out / trainer.SUMMARY_NAME).read_text())['final_step'] == 2 * spe
   assert {'train/loss', 'train/dice_loss', 'train/ce', 'train/sim', 'train/lr', 'train/grad_norm',
@@ -103,7 +109,7 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(uninterrupted, d
   c, straight_dir, _ = uninterrupted
   first = trainer.train_and_evaluate(c, tmp_path, FOLD, stop_after_epochs=1, data_dir=data_dir)
   assert first['status'] == 'stopped' and first['final_step'] == c.train.steps_per_epoch
-  assert not (trainer.run_dir(tmp_path, c, FOLD) / trainer.SUMMARY_NAME).exists()
+  assert not (_run_dir(tmp_path, c) / trainer.SUMMARY_NAME).exists()
   # XLA compilations while resuming: a restored state that differed from a fresh one in
   # sharding, dtype or weak type would compile the train step again.
   with xla_compiles() as compiles:
@@ -156,7 +162,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tm
   assert int(state.step) == spe and extra['epoch'] == 1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
   assert [e['event'] for e in _events(tmp_path, c)][-1] == 'diverged'
-  assert not (trainer.run_dir(tmp_path, c, FOLD) / trainer.SUMMARY_NAME).exists()
+  assert not (_run_dir(tmp_path, c) / trainer.SUMMARY_NAME).exists()
 
 
 def test_divergence_names_the_loss_term_before_the_sum():

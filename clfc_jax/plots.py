@@ -1,8 +1,9 @@
-"""The report's figures: paper Figs. 2-4, pseudo-normal examples and training curves.
+"""Figures from plain arrays: paper Figs. 2-4, pseudo-normal examples, IntroVAE samples and
+training curves. Nothing here reads a workdir or runs a model (clfc_jax/report/gather.py
+turns a workdir into these arrays), so it imports nothing of clfc_jax.
 
-`plot_*` functions take plain arrays, write one PNG each and return the matplotlib Figure;
-`*_row`, `feature_groups` and `network_outputs` read a finished WORKDIR (predictions,
-prepared cases, pseudo-normals, checkpoints, logs) into those arrays. Axial slices are shown
+`plot_*` functions take plain arrays, write one PNG each (atomically) and return the
+matplotlib Figure. Axial slices are shown
 in radiological convention, in every panel: anterior up, the patient's right on the viewer's
 left. A slice arrives as [H, W] with H running posterior -> anterior and W left -> right (the
 prepared MNI layout; a canonical RAS+ native slice transposed); `radiological` flips both axes.
@@ -12,13 +13,15 @@ global (backend, open figures) changes in the calling process.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+import numpy as np
+
+from data_prep import optional
+from data_prep import store
 
 LEVEL_NAMES = ('1/8', '1/4', '1/2', 'full')
 # Fig. 3's point groups: (key, legend label, colour, marker).
@@ -114,7 +117,8 @@ def _blank(ax, text):
 def _save(fig, path, dpi) -> Figure:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=dpi, facecolor='white')
+  with store.atomic_write(path) as tmp:
+    fig.savefig(tmp, dpi=dpi, facecolor='white')
   return fig
 
 
@@ -171,8 +175,7 @@ def plot_segmentation_overlays(rows: Sequence[Mapping], methods: Sequence[str], 
 # --- Fig. 3: PCA of the CLFC features ----------------------------------------------------------
 def pca_2d(points: np.ndarray):
   """(2-D projection, explained variance ratios) of the rows of `points` (scikit-learn PCA)."""
-  from sklearn.decomposition import PCA  # pylint: disable=g-import-not-at-top
-  pca = PCA(n_components=2, svd_solver='full')
+  pca = optional.pca(n_components=2, svd_solver='full')
   return pca.fit_transform(np.asarray(points, np.float64)), pca.explained_variance_ratio_
 
 
@@ -343,17 +346,6 @@ def plot_pseudo_normals(rows: Sequence[Mapping], path, dpi: int = 100) -> Figure
 
 
 # --- training curves ---------------------------------------------------------------------------
-def read_jsonl(path) -> list:
-  """The records of a metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
-  records = []
-  for line in Path(path).read_text().splitlines():
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      continue
-  return records
-
-
 def _epoch_axis(records) -> tuple:
   """(steps per epoch or None, axis label): epochs from the end-of-epoch events' step/epoch."""
   for rec in records:
@@ -454,60 +446,33 @@ def plot_introvae_curves(records: Sequence[Mapping], path, margin: Optional[floa
   return _save(fig, path, dpi)
 
 
-# --- gathering from a workdir ------------------------------------------------------------------
-def pick_patients(results: Mapping, n: int) -> list:
-  """Up to n (patient, fold) of one method's results, from its best Dice to its worst, evenly
-  spaced in rank (n=3: best, median, worst); deterministic (ties broken by patient id)."""
-  order = sorted(range(len(results['patient'])),
-                 key=lambda i: (-float(results['dice'][i]), str(results['patient'][i])))
-  if not order or n < 1:
-    return []
-  ranks = sorted({round(j * (len(order) - 1) / max(n - 1, 1)) for j in range(n)})
-  return [(str(results['patient'][order[r]]), int(results['fold'][order[r]])) for r in ranks]
 
 
-def display_modality(modalities: Sequence[str]) -> str:
-  """FLAIR when there is one (whole tumor is clearest there), else the first modality."""
-  lower = [m.lower() for m in modalities]
-  return modalities[lower.index('flair')] if 'flair' in lower else modalities[0]
+# --- IntroVAE samples ----------------------------------------------------------------------------
+def plot_introvae_samples(rows: Mapping[str, np.ndarray], path, title: str = '',
+                          dpi: int = 100) -> Figure:
+  """Rows (e.g. real / reconstructed / sampled) of [N, H, W] slices in [-1, 1], prepared
+  (MNI) layout; shown in radiological convention like every other figure."""
+  names = list(rows)
+  n = max(len(np.asarray(v)) for v in rows.values())
+  h, w = np.asarray(next(iter(rows.values()))).shape[1:3]
+  fig = Figure(figsize=(1.6 * n, 1.6 * len(names) * h / w + 0.4), layout='constrained')
+  axes = np.asarray(fig.subplots(len(names), n, squeeze=False))
+  for r, name in enumerate(names):
+    images = np.asarray(rows[name])
+    for c in range(n):
+      ax = axes[r, c]
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if c < len(images):
+        ax.imshow(radiological(images[c]), cmap='gray', vmin=-1, vmax=1)
+    axes[r, 0].set_ylabel(name)
+  if title:
+    fig.suptitle(title)
+  return _save(fig, path, dpi)
 
 
-def _canonical(path):
-  import nibabel as nib  # pylint: disable=g-import-not-at-top
-  img = nib.as_closest_canonical(nib.load(str(path)))
-  data = np.asanyarray(img.dataobj)
-  if data.ndim == 4:
-    data = data[..., 0]
-  return np.asarray(data, np.float32), img.header.get_zooms()[:3]
-
-
-def native_axial_row(meta: Mapping, predictions: Mapping[str, Optional[Path]],
-                     dice: Mapping[str, float], title: str) -> dict:
-  """One row of Fig. 2 in the patient's native space: the axial slice (of the canonical RAS+
-  volume) with the most ground-truth voxels, zoomed on the tumor (zoom_box), display order."""
-  modalities = list(meta['files'])
-  image, zooms = _canonical(meta['files'][display_modality(modalities)])
-  truth = _canonical(meta['label_file'])[0] > 0
-  if truth.shape != image.shape:
-    raise ValueError(f'{meta["label_file"]}: label shape {truth.shape} differs from the image '
-                     f'{image.shape}')
-  z = int(np.argmax(truth.sum(axis=(0, 1))))
-  # [x, y] of RAS+ -> [y (P->A), x (L->R)], then radiological.
-  show = lambda vol: radiological(vol[:, :, z].T)
-  img2d = show(image)
-  head = crop_box(img2d != 0)
-  crop = lambda a: (lambda h: h[zoom_box(show(truth)[head], h.shape)])(a[head])
-  row = {'title': f'{title}\naxial slice {z}', 'image': crop(img2d), 'truth': crop(show(truth)),
-         'predictions': {}, 'dice': dict(dice), 'aspect': float(zooms[1] / zooms[0])}
-  for method, path in predictions.items():
-    if path is None or not Path(path).exists():
-      row['predictions'][method] = None
-      continue
-    pred = _canonical(path)[0] > 0
-    row['predictions'][method] = crop(show(pred)) if pred.shape == image.shape else None
-  return row
-
-
+# --- array helpers the gathering code shares ---------------------------------------------------
 def tumor_slices(label, count: int) -> list:
   """`count` axial slice indices through the tumor: the largest cross-section first, then
   slices evenly spread over the tumor's extent."""
@@ -520,77 +485,6 @@ def tumor_slices(label, count: int) -> list:
   return list(dict.fromkeys([best] + [int(s) for s in spread]))[:max(count, 1)]
 
 
-_APPLY_CACHE = {}
-
-
-def _apply_fn(config, model):
-  """model.apply (inference) jitted once per method config in this process."""
-  import jax  # pylint: disable=g-import-not-at-top
-  key = config.to_json_best_effort()
-  if key not in _APPLY_CACHE:
-    _APPLY_CACHE[key] = jax.jit(lambda v, image, normal: model.apply(v, image, normal,
-                                                                     train=False))
-  return _APPLY_CACHE[key]
-
-
-def network_outputs(config, workdir, method: str, cases: Sequence[tuple],
-                    slices_per_case: int = 4) -> dict:
-  """Inference outputs of `method` on a few MNI-space slices of test patients.
-
-  cases: [(case_id, fold)]; each case is run through its own fold's best checkpoint, on
-  `tumor_slices(label, slices_per_case)`. Returns {'case', 'slice', 'image'
-  [N, H, W] (display modality), 'label', 'brain' [N, H, W], 'prob' [N, H, W], 'levels':
-  [{'zeta', 'g', 'attention'}: numpy [N, h, w, C]] (empty without CLFC)}.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from clfc_jax import evaluate, sharding, stages  # pylint: disable=g-import-not-at-top
-  from clfc_jax.models import segmenter  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
-  from data_prep import normalize, store  # pylint: disable=g-import-not-at-top
-  mc = default.apply_method(config.copy_and_resolve_references(), method)
-  wd = stages.Workdir(workdir)
-  model = segmenter.build_segmenter(mc)
-  apply = _apply_fn(mc, model)
-  mesh = sharding.make_mesh(jax.local_devices())
-  count = int(slices_per_case)
-  shown = display_modality(list(mc.dataset.modalities))
-  batches = {'case': [], 'slice': [], 'image': [], 'label': [], 'brain': [], 'in': [],
-             'normal': []}
-  variables = {}
-  for case_id, fold in cases:
-    if fold not in variables:
-      variables[fold] = evaluate.restore_variables(mc, wd.runs / method / f'fold{fold}', model,
-                                                   mesh)[0]
-    pc = store.load_prepared(wd.prep_cases, case_id)
-    pseudo = (evaluate.load_pseudo_normal(wd.pseudo_normal / f'{case_id}.npz', pc.brain.shape)
-              if mc.model.use_normal_net else None)
-    inputs = evaluate.case_inputs(pc, normalize.load_references(wd.hist_refs(fold)), mc, pseudo)
-    picked = tumor_slices(pc.label, count)
-    batches['case'] += [case_id] * len(picked)
-    batches['slice'] += picked
-    batches['image'].append(pc.modality(shown)[picked])
-    batches['label'].append(np.asarray(pc.label)[picked])
-    batches['brain'].append(np.asarray(pc.brain)[picked])
-    batches['in'].append((fold, inputs['image'][picked],
-                          inputs['normal'][picked] if 'normal' in inputs else None))
-  probs, levels = [], []
-  # Every call gets `count` slices (the last one repeated): one compiled program per method.
-  pad = lambda x: None if x is None else np.concatenate([x] + [x[-1:]] * (count - len(x)))
-  for fold, image, normal in batches['in']:
-    n = len(image)
-    out = jax.device_get(apply(variables[fold], pad(image), pad(normal)))
-    logits = np.asarray(out['logits'], np.float32)[:n]
-    probs.append(np.exp(logits[..., 1] - np.logaddexp(logits[..., 0], logits[..., 1])))
-    levels.append([{k: np.asarray(v, np.float32)[:n] for k, v in lv.items()}
-                   for lv in out['levels']])
-  merged_levels = [{k: np.concatenate([lv[i][k] for lv in levels]) for k in levels[0][i]}
-                   for i in range(len(levels[0]))] if levels and levels[0] else []
-  return {'case': batches['case'], 'slice': batches['slice'],
-          'image': np.concatenate(batches['image']), 'label': np.concatenate(batches['label']),
-          'brain': np.concatenate(batches['brain']), 'prob': np.concatenate(probs),
-          'levels': merged_levels}
-
-
 def region_means(attention, label, brain) -> tuple:
   """(mean A_l inside the tumor, mean A_l in the rest of the brain) of one [h, w] map, with the
   full-resolution masks nearest-downsampled as the SimSiam mask is; NaN for an empty region."""
@@ -600,32 +494,3 @@ def region_means(attention, label, brain) -> tuple:
   rest = np.asarray(brain, bool)[::sh, ::sw] & ~tumor
   mean = lambda m: float(attention[m].mean()) if m.any() else float('nan')
   return mean(tumor), mean(rest)
-
-
-def attention_row(method: str, outputs: Mapping, index: int = 0) -> dict:
-  """Fig. 4's row of one method: slice `index` of network_outputs, in display order, with
-  each level's region_means."""
-  maps = [lv['attention'][index, ..., 0] for lv in outputs['levels']]
-  return {'method': method, 'image': radiological(outputs['image'][index]),
-          'truth': radiological(outputs['label'][index] > 0),
-          'prob': radiological(outputs['prob'][index]),
-          'attention': [radiological(a) for a in maps],
-          'means': [region_means(a, outputs['label'][index], outputs['brain'][index])
-                    for a in maps]}
-
-
-def pseudo_normal_row(config, workdir, case_id: str, landmarks) -> dict:
-  """One row of the pseudo-normal figure (MNI space, the slice with the most tumor): the tumor
-  T1 and the healthy T1 (synthetic cohorts) scaled exactly as the IntroVAE saw its input."""
-  from clfc_jax import evaluate, normal_appearance, stages  # pylint: disable=g-import-not-at-top
-  from data_prep import store  # pylint: disable=g-import-not-at-top
-  wd = stages.Workdir(workdir)
-  pc = store.load_prepared(wd.prep_cases, case_id)
-  pseudo = evaluate.load_pseudo_normal(wd.pseudo_normal / f'{case_id}.npz', pc.brain.shape)
-  modality = config.dataset.normal_modality
-  z = tumor_slices(pc.label, 1)[0] if pc.label is not None else pc.brain.shape[0] // 2
-  unit = lambda vol: normal_appearance.unit_t1(vol, pc.brain, landmarks, config)[z]
-  healthy = None if pc.healthy_t1 is None else radiological(unit(pc.healthy_t1))
-  truth = pc.label[z] > 0 if pc.label is not None else np.zeros(pc.brain.shape[1:], bool)
-  return {'title': f'{case_id}\nslice {z}', 'tumor_t1': radiological(unit(pc.modality(modality))),
-          'pseudo': radiological(pseudo[z]), 'healthy': healthy, 'truth': radiological(truth)}

@@ -208,16 +208,11 @@ def reconstruct(enc_params, dec_params, images, config):
   """Dec(μ(x)) for [B,H,W,1] slices in [-1,1], clipped to [-1,1]; deterministic.
 
   Clipping only here: a linear decoder output is trained unclipped (a clip, like a saturated
-  tanh, would stop its gradient). Jit with config bound (see reconstruct_fn).
+  tanh, would stop its gradient). Jit with config bound (clfc_jax.predict does).
   """
   encoder, decoder = introvae_model.build(config, images.shape[1:3])
   mu, _ = encoder.apply({'params': enc_params}, jnp.asarray(images, jnp.float32))
   return jnp.clip(decoder.apply({'params': dec_params}, mu), -1.0, 1.0)
-
-
-def reconstruct_fn(config):
-  """A jitted `(enc_params, dec_params, images) -> reconstructions` for this config."""
-  return jax.jit(functools.partial(reconstruct, config=config))
 
 
 def sample(dec_params, config, image_hw, rng, num):

@@ -1,10 +1,11 @@
-"""The report (SPEC §8): Table 1 with Wilcoxon p-values, per-fold means, an index page.
+"""The report stage (SPEC §8): Table 1 with Wilcoxon p-values, per-fold means, figures, an
+index page.
 
 Reads WORKDIR/eval/<method>/fold<k>/per_patient.csv for every method and fold, writes
-WORKDIR/report/table1.{md,csv} (stats.write_table1), WORKDIR/report/index.md and index.html
+WORKDIR/report/table1.{md,csv} (report/tables.py), WORKDIR/report/index.md and index.html
 (the same page with its figures inlined, for a browser). The index is a list of sections, each
-a function `(context) -> markdown`; figure sections save PNGs under WORKDIR/report/figures/
-(clfc_jax/figures.py). A figure whose inputs are missing (a method not trained, no
+a function `(context) -> markdown`; figure sections gather their arrays (report/gather.py) and
+save PNGs under WORKDIR/report/figures/ (clfc_jax/plots.py). A figure whose inputs are missing (a method not trained, no
 pseudo-normals) is skipped with a one-line note, so a partial workdir still gets its report.
 """
 from __future__ import annotations
@@ -18,25 +19,24 @@ import shutil
 from typing import Callable, Optional, Sequence
 
 from absl import logging
-import numpy as np
 
-from clfc_jax import figures
-from clfc_jax import stats
+from clfc_jax import plots
+from clfc_jax import run_log
+from clfc_jax.report import gather
+from clfc_jax.report import tables
+from clfc_jax import workdir as workdir_lib
+from clfc_jax.workdir import Workdir
+from configs import default
+from data_prep import optional
+from data_prep import normalize, store
 from data_prep.case import CaseError
 
-REFERENCE_METHOD = 'clfc'
+REFERENCE_METHOD = tables.REFERENCE_METHOD
+_name = tables.method_name
+
 # config.report of configs/default.py, for configs saved before it existed.
 _DEFAULT_REPORT = {'figures': True, 'figure_patients': 3, 'feature_level': 1,
                    'feature_slices': 4, 'feature_points': 1500, 'dpi': 100}
-# The paper's Table 1 (BraTS 2019, 5-fold, WT; Dice and sensitivity in %, HD95 in mm).
-PAPER_TABLE1 = {
-    'nnU-Net': (90.53, 89.51, 8.05),
-    'Baseline-1': (90.54, 90.00, 4.63),
-    'Baseline-2': (91.18, 90.79, 4.23),
-    'CLFC (ours)': (91.86, 91.90, 3.84),
-}
-
-
 @dataclasses.dataclass
 class ReportContext:
   """What every section may use."""
@@ -51,105 +51,18 @@ class ReportContext:
   cache: dict = dataclasses.field(default_factory=dict)   # inputs shared by figure sections
 
 
-def per_patient_paths(workdir, methods, folds) -> dict:
-  """{(method, fold): WORKDIR/eval/<method>/fold<k>/per_patient.csv}."""
-  root = Path(workdir) / 'eval'
-  return {(m, int(k)): root / m / f'fold{k}' / 'per_patient.csv' for m in methods for k in folds}
-
-
-def load_results(workdir, methods, folds, *, allow_missing: bool = False):
-  """(per_patient for the methods found, missing CSV paths); raises if any is missing.
-
-  Each CSV must hold its own method and fold only (a copied file is caught here).
-  """
-  paths = per_patient_paths(workdir, methods, folds)
-  missing = [str(p) for p in paths.values() if not p.exists()]
-  if missing and not allow_missing:
-    lacking = sorted({f'{m} fold {k}' for (m, k), p in paths.items() if not p.exists()})
-    raise FileNotFoundError(
-        f'no per-patient results for {", ".join(lacking)}; run the evaluate stage for them '
-        f'(missing: {", ".join(missing)})')
-  per_patient = {}
-  for (method, fold), path in paths.items():
-    if not path.exists():
-      continue
-    found = stats.read_per_patient([path])
-    if set(found) - {method}:
-      raise ValueError(f'{path}: holds results of {sorted(found)}, expected only {method!r}')
-    results = found.get(method)
-    if results is None:
-      continue
-    wrong = sorted({f for f in results['fold'] if f != fold})
-    if wrong:
-      raise ValueError(f'{path}: rows of folds {wrong}, expected only fold {fold}')
-    merged = per_patient.setdefault(
-        method, {'patient': [], 'fold': [], **{m: [] for m in stats.METRICS}})
-    for key, values in results.items():
-      merged[key].extend(values)
-  if not per_patient:
-    raise FileNotFoundError(f'no per-patient results at all under {Path(workdir) / "eval"}')
-  return per_patient, missing
-
-
-def fold_means(per_patient, folds, metrics=stats.METRICS) -> list:
-  """Rows {'method', 'fold', 'n', <metric>: mean in Table 1 units} per method and fold."""
-  rows = []
-  for method, results in per_patient.items():
-    fold_of = np.asarray(results['fold'])
-    for k in folds:
-      sel = fold_of == int(k)
-      row = {'method': method, 'fold': int(k), 'n': int(sel.sum())}
-      for m in metrics:
-        values = np.asarray(results[m], np.float64)[sel] * stats.METRIC_SCALE[m]
-        row[m] = float(values.mean()) if sel.any() else float('nan')
-      rows.append(row)
-  return rows
-
-
 # --- sections of index.md ----------------------------------------------------------------------
-def _name(method):
-  return stats.METHOD_NAMES.get(method, method)
-
-
-def _same_patients(per_patient) -> bool:
-  sets = [frozenset(map(str, r['patient'])) for r in per_patient.values()]
-  return all(s == sets[0] for s in sets)
-
-
 def section_table1(ctx: ReportContext) -> str:
-  if REFERENCE_METHOD not in ctx.per_patient:
-    reference, note = None, f'No {_name(REFERENCE_METHOD)} results: no p-values.'
-  elif not _same_patients(ctx.per_patient):   # only in partial reports (allow_missing)
-    reference, note = None, 'Methods were scored on different patients: no p-values.'
-  else:
-    reference = REFERENCE_METHOD
-    note = ('p: two-sided Wilcoxon signed-rank test of patient-wise Dice against '
-            f'{_name(REFERENCE_METHOD)}.')
-  # A reference that is not among the results makes write_table1 leave p out.
-  stats.write_table1(ctx.paths['table1_md'], ctx.paths['table1_csv'], ctx.per_patient,
-                     reference=reference or 'none')
-  return ('## Table 1: whole tumor, native space\n\n'
-          + Path(ctx.paths['table1_md']).read_text() + f'\nMean ± sample std over patients. {note}\n')
+  return tables.table1(ctx.per_patient, ctx.paths['table1_md'], ctx.paths['table1_csv'])
 
 
 def section_fold_means(ctx: ReportContext) -> str:
-  lines = ['## Per-fold means', '', '| Method | Fold | n | '
-           + ' | '.join(stats.METRIC_HEADER[m] for m in stats.METRICS) + ' |',
-           '|' + '---|' * (3 + len(stats.METRICS))]
-  for row in fold_means(ctx.per_patient, ctx.folds):
-    cells = ['—' if row['n'] == 0 else f'{row[m]:.2f}' for m in stats.METRICS]
-    lines.append(f'| {_name(row["method"])} | {row["fold"]} | {row["n"]} | '
-                 + ' | '.join(cells) + ' |')
-  return '\n'.join(lines) + '\n'
+  return tables.fold_means_table(ctx.per_patient, ctx.folds)
 
 
 def section_paper(ctx: ReportContext) -> str:
   del ctx
-  lines = ['## For comparison: the paper (BraTS 2019, 5-fold)', '',
-           '| Method | Dice (%) | Sensitivity (%) | HD95 (mm) |', '|---|---|---|---|']
-  lines += [f'| {name} | {d:.2f} | {s:.2f} | {h:.2f} |' for name, (d, s, h) in
-            PAPER_TABLE1.items()]
-  return '\n'.join(lines) + '\n'
+  return tables.paper_table()
 
 
 def section_missing(ctx: ReportContext) -> str:
@@ -206,7 +119,7 @@ def _shown_patients(ctx) -> list:
       raise SkipFigure('no per-patient results')
     method = REFERENCE_METHOD if REFERENCE_METHOD in ctx.per_patient else next(
         iter(ctx.per_patient))
-    ctx.cache['patients'] = figures.pick_patients(
+    ctx.cache['patients'] = gather.pick_patients(
         ctx.per_patient[method], int(_report_config(ctx).get('figure_patients', 3)))
     ctx.cache['patients_by'] = method
   return ctx.cache['patients']
@@ -223,18 +136,17 @@ def _dice_of(ctx, patient) -> dict:
 
 def section_segmentation_examples(ctx: ReportContext) -> str:
   def make(path):
-    from data_prep import store  # pylint: disable=g-import-not-at-top
-    wd_eval = Path(ctx.workdir) / 'eval'
+    wd = Workdir(ctx.workdir)
     rows = []
     shown = _shown_patients(ctx)
     ranks = ('best', 'median', 'worst') if len(shown) == 3 else [''] * len(shown)
     for rank, (patient, fold) in zip(ranks, shown):
-      meta = store.load_prepared_meta(Path(ctx.workdir) / 'prep' / 'cases', patient)
-      preds = {m: wd_eval / m / f'fold{fold}' / 'predictions' / f'{patient}_seg.nii.gz'
+      meta = store.load_prepared_meta(wd.prep_cases, patient)
+      preds = {m: wd.eval_dir(m, fold) / 'predictions' / f'{patient}_seg.nii.gz'
                for m in ctx.methods}
       title = f'{patient}' + (f' ({rank})' if rank else '')
-      rows.append(figures.native_axial_row(meta, preds, _dice_of(ctx, patient), title))
-    figures.plot_segmentation_overlays(rows, ctx.methods, path, _dpi(ctx))
+      rows.append(gather.native_axial_row(meta, preds, _dice_of(ctx, patient), title))
+    plots.plot_segmentation_overlays(rows, ctx.methods, path, _dpi(ctx))
   by = _name(ctx.cache.get('patients_by', REFERENCE_METHOD))
   return _figure_section(
       ctx, 'Fig. 2: segmentation examples (native space)', 'fig2_segmentation', make,
@@ -246,17 +158,15 @@ def section_segmentation_examples(ctx: ReportContext) -> str:
 
 
 def _clfc_methods(ctx) -> list:
-  from configs import default  # pylint: disable=g-import-not-at-top
-  return [m for m in ctx.methods
-          if default.apply_method(ctx.config.copy_and_resolve_references(), m).clfc.enabled]
+  return [m for m in ctx.methods if default.method_config(ctx.config, m).clfc.enabled]
 
 
 def _network_outputs(ctx, method):
-  """figures.network_outputs of `method` on the shown patients; cached (Figs. 3 and 4)."""
+  """gather.network_outputs of `method` on the shown patients; cached (Figs. 3 and 4)."""
   key = ('net', method)
   if key not in ctx.cache:
     try:
-      ctx.cache[key] = figures.network_outputs(
+      ctx.cache[key] = gather.network_outputs(
           ctx.config, ctx.workdir, method, _shown_patients(ctx),
           int(_report_config(ctx).get('feature_slices', 4)))
     except (FileNotFoundError, ValueError) as e:   # CaseError is a ValueError
@@ -264,8 +174,12 @@ def _network_outputs(ctx, method):
   return ctx.cache[key]
 
 
-def _per_method(ctx, methods):
-  """({method: outputs}, markdown notes for the methods whose outputs could not be made)."""
+def _clfc_outputs(ctx):
+  """({method: network outputs} of the CLFC methods, markdown notes on the methods left out);
+  SkipFigure when there is none to show."""
+  methods = _clfc_methods(ctx)
+  if not methods:
+    raise SkipFigure('no method with a CLFC module among ' + ', '.join(ctx.methods))
   found, notes = {}, []
   for m in methods:
     out = _network_outputs(ctx, m)
@@ -273,29 +187,27 @@ def _per_method(ctx, methods):
       notes.append(f'*{_name(m)} left out: {out}.*')
     else:
       found[m] = out
-  return found, '\n'.join(notes)
+  notes = '\n'.join(notes)
+  if not found:
+    raise SkipFigure(notes.replace('*', '').replace('\n', ' ').rstrip('.'))
+  return found, notes
 
 
 def section_feature_pca(ctx: ReportContext) -> str:
   level = int(_report_config(ctx).get('feature_level', 1))
-  level_name = figures.LEVEL_NAMES[level] if 0 <= level < len(figures.LEVEL_NAMES) else level
+  level_name = plots.LEVEL_NAMES[level] if 0 <= level < len(plots.LEVEL_NAMES) else level
 
   def make(path):
-    methods = _clfc_methods(ctx)
-    if not methods:
-      raise SkipFigure('no method with a CLFC module among ' + ', '.join(ctx.methods))
-    found, notes = _per_method(ctx, methods)
-    if not found:
-      raise SkipFigure(notes.replace('*', '').replace('\n', ' ').rstrip('.'))
+    found, notes = _clfc_outputs(ctx)
     points = int(_report_config(ctx).get('feature_points', 1500))
     panels = {}
     for m, out in found.items():
       lv = out['levels'][level]
-      panels[m] = figures.feature_groups(lv['zeta'], lv['g'], out['label'], out['brain'], points)
+      panels[m] = plots.feature_groups(lv['zeta'], lv['g'], out['label'], out['brain'], points)
       shape = lv['zeta'].shape
     subtitle = (f'Decoder level {level_name} resolution ({shape[1]}×{shape[2]} px, '
                 f'{shape[3]} channels); {shape[0]} slices of {len(set(out["case"]))} test patients')
-    figures.plot_feature_pca(panels, path, subtitle, _dpi(ctx))
+    plots.plot_feature_pca(panels, path, subtitle, _dpi(ctx))
     return notes
   return _figure_section(
       ctx, 'Fig. 3: CLFC feature vectors (PCA)', 'fig3_feature_pca', make,
@@ -309,19 +221,14 @@ def section_feature_pca(ctx: ReportContext) -> str:
 
 def section_attention(ctx: ReportContext) -> str:
   def make(path):
-    methods = _clfc_methods(ctx)
-    if not methods:
-      raise SkipFigure('no method with a CLFC module among ' + ', '.join(ctx.methods))
-    found, notes = _per_method(ctx, methods)
-    if not found:
-      raise SkipFigure(notes.replace('*', '').replace('\n', ' ').rstrip('.'))
+    found, notes = _clfc_outputs(ctx)
     patients = _shown_patients(ctx)
     patient = patients[len(patients) // 2][0]
-    rows = [figures.attention_row(m, out, out['case'].index(patient))
+    rows = [gather.attention_row(m, out, out['case'].index(patient))
             for m, out in found.items()]
     first = next(iter(found.values()))
     subtitle = f'{patient}, MNI axial slice {first["slice"][first["case"].index(patient)]}'
-    figures.plot_attention_maps(rows, path, subtitle, _dpi(ctx))
+    plots.plot_attention_maps(rows, path, subtitle, _dpi(ctx))
     return notes
   return _figure_section(
       ctx, 'Fig. 4: attention maps A_l', 'fig4_attention', make,
@@ -334,16 +241,14 @@ def section_attention(ctx: ReportContext) -> str:
 
 def section_pseudo_normals(ctx: ReportContext) -> str:
   def make(path):
-    from clfc_jax import normal_appearance  # pylint: disable=g-import-not-at-top
-    from data_prep import normalize  # pylint: disable=g-import-not-at-top
-    pn_dir = Path(ctx.workdir) / 'pseudo_normal'
-    patients = [p for p, _ in _shown_patients(ctx) if (pn_dir / f'{p}.npz').exists()]
+    wd = Workdir(ctx.workdir)
+    patients = [p for p, _ in _shown_patients(ctx) if wd.pseudo_normal_file(p).exists()]
     if not patients:
-      raise SkipFigure(f'no pseudo-normal T1 of the shown patients in {pn_dir}')
-    landmarks = normalize.normal_t1_reference(Path(ctx.workdir) / 'prep', ctx.config,
-                                              normal_appearance.normal_fold(ctx.config))
-    rows = [figures.pseudo_normal_row(ctx.config, ctx.workdir, p, landmarks) for p in patients]
-    figures.plot_pseudo_normals(rows, path, _dpi(ctx))
+      raise SkipFigure(f'no pseudo-normal T1 of the shown patients in {wd.pseudo_normal}')
+    landmarks = normalize.normal_t1_reference(wd.prep, ctx.config,
+                                              workdir_lib.normal_fold(ctx.config))
+    rows = [gather.pseudo_normal_row(ctx.config, ctx.workdir, p, landmarks) for p in patients]
+    plots.plot_pseudo_normals(rows, path, _dpi(ctx))
   return _figure_section(
       ctx, 'Pseudo-normal T1 (IntroVAE)', 'pseudo_normals', make,
       'Each shown patient\'s tumor T1, its pseudo-normal reconstruction and, for synthetic '
@@ -354,18 +259,18 @@ def section_pseudo_normals(ctx: ReportContext) -> str:
 
 def section_training_curves(ctx: ReportContext) -> str:
   def make(path):
-    from clfc_jax import run_log  # pylint: disable=g-import-not-at-top
+    wd = Workdir(ctx.workdir)
     runs = {}
     for m in ctx.methods:
       for k in ctx.folds:
-        log = Path(ctx.workdir) / 'runs' / m / f'fold{k}' / run_log.METRICS_NAME
+        log = wd.run_dir(m, k) / run_log.METRICS_NAME
         if log.exists():
-          records = figures.read_jsonl(log)
+          records = run_log.read_events(log)
           if any(r.get('event') == 'train' for r in records):
             runs[(m, k)] = records
     if not runs:
-      raise SkipFigure(f'no training log under {Path(ctx.workdir) / "runs"}')
-    figures.plot_training_curves(runs, path, _dpi(ctx))
+      raise SkipFigure(f'no training log under {wd.runs}')
+    plots.plot_training_curves(runs, path, _dpi(ctx))
   return _figure_section(
       ctx, 'Training curves', 'training_curves', make,
       'Training loss terms (logged means over each window of steps) and the validation '
@@ -375,13 +280,12 @@ def section_training_curves(ctx: ReportContext) -> str:
 
 def section_introvae(ctx: ReportContext) -> str:
   def make(path):
-    from clfc_jax import run_log  # pylint: disable=g-import-not-at-top
-    iv_dir = Path(ctx.workdir) / 'introvae'
+    iv_dir = Workdir(ctx.workdir).introvae
     log = iv_dir / run_log.METRICS_NAME
-    records = figures.read_jsonl(log) if log.exists() else []
+    records = run_log.read_events(log) if log.exists() else []
     if not any(r.get('event') == 'train' for r in records):
       raise SkipFigure(f'no IntroVAE training log at {log}')
-    figures.plot_introvae_curves(records, path, ctx.config.introvae.get('margin', None),
+    plots.plot_introvae_curves(records, path, ctx.config.introvae.get('margin', None),
                                  _dpi(ctx))
     samples = iv_dir / 'samples.png'
     if samples.exists():
@@ -418,8 +322,7 @@ _HTML_STYLE = ('body{font-family:sans-serif;max-width:1200px;margin:2em auto;pad
 def write_html(markdown_text: str, path, base_dir) -> Path:
   """index.md as one self-contained HTML page: markdown-it-py (GFM tables on), every
   `figures/*.png` inlined as a data URI so the file can be opened or mailed alone."""
-  from markdown_it import MarkdownIt  # pylint: disable=g-import-not-at-top
-  body = MarkdownIt('commonmark', {'html': False}).enable('table').render(markdown_text)
+  body = optional.markdown_it()('commonmark', {'html': False}).enable('table').render(markdown_text)
 
   def inline(match):
     src = Path(base_dir) / html.unescape(match.group(1))
@@ -431,11 +334,8 @@ def write_html(markdown_text: str, path, base_dir) -> Path:
   body = re.sub(r'src="([^"]+\.png)"', inline, body)
   title_match = re.search(r'^# (.+)$', markdown_text, re.M)
   title = html.escape(title_match.group(1) if title_match else 'CLFC report')
-  path = Path(path)
-  path.write_text(f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title>'
-                  f'<style>{_HTML_STYLE}</style></head>\n<body>\n{body}</body></html>\n',
-                  encoding='utf-8')
-  return path
+  return store.write_text(path, f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title>'
+                          f'<style>{_HTML_STYLE}</style></head>\n<body>\n{body}</body></html>\n')
 
 
 def write_report(config, workdir, methods: Optional[Sequence[str]] = None,
@@ -450,8 +350,9 @@ def write_report(config, workdir, methods: Optional[Sequence[str]] = None,
   """
   methods = list(methods if methods is not None else config.methods)
   folds = [int(k) for k in (folds if folds is not None else range(config.data.num_folds))]
-  per_patient, missing = load_results(workdir, methods, folds, allow_missing=allow_missing)
-  report_dir = Path(workdir) / 'report'
+  per_patient, missing = gather.load_results(workdir, methods, folds,
+                                             allow_missing=allow_missing)
+  report_dir = Workdir(workdir).report
   report_dir.mkdir(parents=True, exist_ok=True)
   if with_figures is None:
     with_figures = bool((config.get('report', None) or _DEFAULT_REPORT).get('figures', True))
@@ -467,7 +368,7 @@ def write_report(config, workdir, methods: Optional[Sequence[str]] = None,
             'each patient\'s native space.\n')
   body = [header] + [text for text in (section(ctx) for section in SECTIONS) if text]
   index = report_dir / 'index.md'
-  index.write_text('\n'.join(body))
+  store.write_text(index, '\n'.join(body))
   paths = {k: Path(v) for k, v in ctx.paths.items() if isinstance(v, (str, Path))}
   paths['index'] = index
   paths['index_html'] = write_html(index.read_text(), report_dir / 'index.html', report_dir)

@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from clfc_jax import figures
+from clfc_jax import plots, run_log
+from clfc_jax.report import gather
 
 
 def _png(path):
@@ -25,7 +26,7 @@ def _disc(shape, centre, radius):
 def test_radiological_puts_anterior_up_and_the_right_on_the_left():
   s = np.zeros((6, 5))
   s[5, 4] = 1          # most anterior (H last), most rightward (W last: left -> right)
-  shown = figures.radiological(s)
+  shown = plots.radiological(s)
   assert shown[0, 0] == 1 and shown.sum() == 1
 
 
@@ -49,7 +50,7 @@ def test_native_row_shows_an_lps_file_in_radiological_view(tmp_path):
   nib.save(nib.Nifti1Image(pred, affine), tmp_path / 'pred.nii.gz')
   meta = {'files': {'t1': str(tmp_path / 'flair.nii.gz'), 'flair': str(tmp_path / 'flair.nii.gz')},
           'label_file': str(tmp_path / 'seg.nii.gz')}
-  row = figures.native_axial_row(meta, {'clfc': tmp_path / 'pred.nii.gz', 'baseline1': None},
+  row = gather.native_axial_row(meta, {'clfc': tmp_path / 'pred.nii.gz', 'baseline1': None},
                                  {'clfc': 0.5}, 'P1')
   assert 'axial slice 5' in row['title']
   truth = row['truth']
@@ -60,33 +61,33 @@ def test_native_row_shows_an_lps_file_in_radiological_view(tmp_path):
   lesion = row['image'] == 300.0      # image and label share one display geometry
   assert lesion.any() and np.all(truth[lesion])
   assert not row['predictions']['clfc'].any() and row['predictions']['baseline1'] is None
-  fig = figures.plot_segmentation_overlays([row, row], ['clfc', 'baseline1'],
+  fig = plots.plot_segmentation_overlays([row, row], ['clfc', 'baseline1'],
                                            tmp_path / 'fig2.png')
-  assert len(figures.panels(fig)) == 2 * 3
+  assert len(plots.panels(fig)) == 2 * 3
   _png(tmp_path / 'fig2.png')
 
 
 def test_zoom_box_holds_the_tumor_and_a_minimum_field_of_view():
   mask = np.zeros((100, 80), bool)
   mask[10:14, 70:74] = True
-  rows, cols = figures.zoom_box(mask, mask.shape, min_fraction=0.5)
+  rows, cols = plots.zoom_box(mask, mask.shape, min_fraction=0.5)
   assert rows.stop - rows.start == 50 and cols.stop - cols.start == 40
   assert mask[rows, cols].sum() == mask.sum()
-  assert figures.zoom_box(np.zeros((5, 5), bool), (5, 5)) == (slice(None), slice(None))
+  assert plots.zoom_box(np.zeros((5, 5), bool), (5, 5)) == (slice(None), slice(None))
 
 
 def test_pick_patients_best_median_worst_and_tumor_slices():
   results = {'patient': ['a', 'b', 'c', 'd', 'e'], 'fold': [0, 1, 0, 1, 0],
              'dice': [0.7, 0.9, 0.8, 0.6, 0.8]}
   # Ranked b, c, e (tie with c: by id), a, d.
-  assert figures.pick_patients(results, 3) == [('b', 1), ('e', 0), ('d', 1)]
-  assert figures.pick_patients(results, 1) == [('b', 1)]
+  assert gather.pick_patients(results, 3) == [('b', 1), ('e', 0), ('d', 1)]
+  assert gather.pick_patients(results, 1) == [('b', 1)]
   label = np.zeros((20, 8, 8), np.uint8)
   label[6:15, 2:4, 2:4] = 1
   label[9, :, :] = 2                  # the largest cross-section
-  picked = figures.tumor_slices(label, 4)
+  picked = plots.tumor_slices(label, 4)
   assert picked[0] == 9 and len(picked) == 4 and all(6 <= s < 15 for s in picked)
-  assert figures.tumor_slices(np.zeros((7, 3, 3)), 4) == [3]
+  assert plots.tumor_slices(np.zeros((7, 3, 3)), 4) == [3]
 
 
 def test_feature_groups_split_regions_at_the_level_resolution():
@@ -96,10 +97,10 @@ def test_feature_groups_split_regions_at_the_level_resolution():
   label[0, :8, :8] = 1                # 2x2 level pixels of slice 0 (stride 4)
   brain = np.ones((2, 16, 16), bool)
   brain[1] = False                    # slice 1: no brain, no normal vectors
-  groups = figures.feature_groups(zeta, zeta, label, brain, max_points=100)
+  groups = plots.feature_groups(zeta, zeta, label, brain, max_points=100)
   assert len(groups['tumor_zeta']) == 4 and len(groups['normal_zeta']) == 12
   assert groups['cos_normal'] == pytest.approx(1.0) and groups['cos_tumor'] == pytest.approx(1.0)
-  opposite = figures.feature_groups(zeta, -zeta, label, brain, max_points=5)
+  opposite = plots.feature_groups(zeta, -zeta, label, brain, max_points=5)
   assert opposite['cos_normal'] == pytest.approx(-1.0) and len(opposite['normal_g']) == 5
 
 
@@ -107,14 +108,14 @@ def test_pca_and_the_feature_scatter(tmp_path):
   rng = np.random.default_rng(1)
   direction = np.array([3.0, 4.0, 0.0, 0.0]) / 5
   points = rng.normal(size=(300, 1)) * 10 * direction + rng.normal(size=(300, 4)) * 0.1
-  projected, ratio = figures.pca_2d(points)
+  projected, ratio = plots.pca_2d(points)
   assert projected.shape == (300, 2) and ratio[0] > 0.99
   assert abs(np.corrcoef(projected[:, 0], points @ direction)[0, 1]) > 0.999
-  groups = {k: rng.normal(size=(50, 8)) + i for i, (k, *_) in enumerate(figures.FEATURE_GROUPS)}
-  fig = figures.plot_feature_pca({'clfc': dict(groups, cos_normal=0.5, cos_tumor=0.1),
+  groups = {k: rng.normal(size=(50, 8)) + i for i, (k, *_) in enumerate(plots.FEATURE_GROUPS)}
+  fig = plots.plot_feature_pca({'clfc': dict(groups, cos_normal=0.5, cos_tumor=0.1),
                                   'baseline2': groups}, tmp_path / 'fig3.png', 'level 1/4')
-  assert len(figures.panels(fig)) == 2
-  assert 'cos' in figures.panels(fig)[0].get_title()
+  assert len(plots.panels(fig)) == 2
+  assert 'cos' in plots.panels(fig)[0].get_title()
   _png(tmp_path / 'fig3.png')
 
 
@@ -127,11 +128,11 @@ def test_attention_and_pseudo_normal_figures(tmp_path):
           for m in ('clfc', 'baseline2')]
   brain = np.ones((24, 20), bool)
   att = np.where(truth, 0.9, 0.2)[::2, ::2]    # a 1/2-resolution map that marks the tumor
-  assert figures.region_means(att, truth, brain) == pytest.approx((0.9, 0.2))
-  rows[0]['means'] = [figures.region_means(a, truth, brain) for a in rows[0]['attention']]
-  fig = figures.plot_attention_maps(rows, tmp_path / 'fig4.png', 'case, slice 3')
-  assert figures.panels(fig)[1].get_xlabel().startswith('mean: tumor ')
-  assert len(figures.panels(fig)) == 2 * (4 + 2)
+  assert plots.region_means(att, truth, brain) == pytest.approx((0.9, 0.2))
+  rows[0]['means'] = [plots.region_means(a, truth, brain) for a in rows[0]['attention']]
+  fig = plots.plot_attention_maps(rows, tmp_path / 'fig4.png', 'case, slice 3')
+  assert plots.panels(fig)[1].get_xlabel().startswith('mean: tumor ')
+  assert len(plots.panels(fig)) == 2 * (4 + 2)
   assert any(ax.get_label() == '<colorbar>' for ax in fig.axes)
   _png(tmp_path / 'fig4.png')
   unit = 2 * image - 1
@@ -139,12 +140,12 @@ def test_attention_and_pseudo_normal_figures(tmp_path):
               'truth': truth},
              {'title': 'without', 'tumor_t1': unit, 'pseudo': unit * 0.5, 'healthy': None,
               'truth': truth}]
-  fig = figures.plot_pseudo_normals(pn_rows, tmp_path / 'pn.png')
+  fig = plots.plot_pseudo_normals(pn_rows, tmp_path / 'pn.png')
   # 5 columns; the row without a healthy T1 leaves its two panels blank.
-  assert len(figures.panels(fig)) == 5 + 3
+  assert len(plots.panels(fig)) == 5 + 3
   _png(tmp_path / 'pn.png')
-  fig = figures.plot_pseudo_normals(pn_rows[1:], tmp_path / 'pn_only.png')
-  assert len(figures.panels(fig)) == 3
+  fig = plots.plot_pseudo_normals(pn_rows[1:], tmp_path / 'pn_only.png')
+  assert len(plots.panels(fig)) == 3
 
 
 def test_training_curves_from_jsonl_logs(tmp_path):
@@ -156,16 +157,16 @@ def test_training_curves_from_jsonl_logs(tmp_path):
       lines.append({'event': 'val', 'step': 10 * epoch, 'epoch': epoch, 'val_dice': dice[epoch - 1]})
     path.write_text('\n'.join(json.dumps(x) for x in lines) + '\n{"event": "tr')   # torn line
     return path
-  clfc = figures.read_jsonl(log(tmp_path / 'a.jsonl', -0.5, [0.2, 0.6, 0.5]))
-  base = figures.read_jsonl(log(tmp_path / 'b.jsonl', 0.0, [0.3, 0.4, 0.7]))
+  clfc = run_log.read_events(log(tmp_path / 'a.jsonl', -0.5, [0.2, 0.6, 0.5]))
+  base = run_log.read_events(log(tmp_path / 'b.jsonl', 0.0, [0.3, 0.4, 0.7]))
   assert len(clfc) == 7
-  xs, ys = figures._series(clfc, 'val', 'val_dice', figures._epoch_axis(clfc)[0])
+  xs, ys = plots._series(clfc, 'val', 'val_dice', plots._epoch_axis(clfc)[0])
   np.testing.assert_allclose(xs, [1, 2, 3])
-  assert figures._series(base, 'train', 'sim', None)[0].size == 0   # switched off: not drawn
-  fig = figures.plot_training_curves({('clfc', 0): clfc, ('baseline2', 0): base},
+  assert plots._series(base, 'train', 'sim', None)[0].size == 0   # switched off: not drawn
+  fig = plots.plot_training_curves({('clfc', 0): clfc, ('baseline2', 0): base},
                                      tmp_path / 'curves.png')
   # total loss, Dice loss, L_sim, validation Dice (no cross-entropy logged).
-  shown = figures.panels(fig)
+  shown = plots.panels(fig)
   assert [ax.get_title() for ax in shown] == ['total loss', 'Dice loss', 'L_sim (Σ levels)',
                                               'validation Dice (patient mean)']
   assert len(shown[2].get_lines()) == 1                 # baseline2's zero L_sim left out
@@ -174,6 +175,6 @@ def test_training_curves_from_jsonl_logs(tmp_path):
   iv = [{'event': 'train', 'step': s, 'epoch': 1 + s // 10, 'enc/loss': 10.0 / s,
          'dec/loss': 5.0 / s, 'enc/mse': 1.0 / s, 'enc/kl_real': 50.0, 'enc/kl_rec': 60.0,
          'enc/kl_fake': 70.0} for s in range(1, 30)]
-  fig = figures.plot_introvae_curves(iv, tmp_path / 'iv.png', margin=120.0)
-  assert len(figures.panels(fig)) == 3
+  fig = plots.plot_introvae_curves(iv, tmp_path / 'iv.png', margin=120.0)
+  assert len(plots.panels(fig)) == 3
   _png(tmp_path / 'iv.png')

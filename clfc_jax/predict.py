@@ -1,0 +1,156 @@
+"""Inference with trained models: one padded, sharded slice predictor and the jitted functions
+it runs, shared by the pseudo_normal stage, evaluation, the report's figures and
+clfc_jax.segment (big_vision style: evaluators receive predict functions, not checkpoints).
+
+  predict_slices      any jitted `(params, batch) -> [B, ...]` over N slices, in fixed batches
+  segmenter_fns       a method's compiled eval (probability), attention and raw-output functions
+  load_segmenter      a run's best checkpoint -> variables
+  load_introvae       the frozen IntroVAE -> its parameters; reconstruct_volume -> pseudo-normal
+
+Compiled functions are cached per (config, mesh) with functools.cache on hashable keys
+(ml_collections.FrozenConfigDict), since compiling dominates short runs.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from clfc_jax import sharding as sharding_lib
+from clfc_jax.models import segmenter
+from clfc_jax.train import introvae_trainer
+from clfc_jax.train import steps as train_lib
+from clfc_jax.train import trainer
+
+
+def round_batch(batch_size: int, mesh) -> int:
+  """`batch_size` rounded up to a multiple of the mesh's local device count."""
+  n_dev = len(mesh.local_devices)
+  return max(1, -(-int(batch_size) // n_dev)) * n_dev
+
+
+def predict_slices(fn: Callable, params, inputs: Mapping[str, np.ndarray], batch_size: int,
+                   mesh, output: Optional[str] = None) -> np.ndarray:
+  """`fn(params, batch)` over the N slices of `inputs` ({name: [N, ...]}), concatenated (the
+result may be an array or a pytree of arrays with the batch axis first).
+
+  Slices go in fixed-size batches (the last one padded with zeros), so one compiled program
+  serves every case; each batch is split over the mesh's 'data' axis, so `batch_size` must be
+  a multiple of its local device count. `output` picks one entry of a dict result. Batches
+  are dispatched before any result is fetched, so host and accelerator overlap.
+  """
+  n_dev = len(mesh.local_devices)
+  if batch_size < 1 or batch_size % n_dev:
+    raise ValueError(f'batch size {batch_size} is not a positive multiple of the '
+                     f'{n_dev} devices')
+  num_slices = next(iter(inputs.values())).shape[0]
+  pending = []
+  for start in range(0, num_slices, batch_size):
+    chunk = {name: np.asarray(v[start:start + batch_size], np.float32)
+             for name, v in inputs.items()}
+    n = next(iter(chunk.values())).shape[0]
+    if n < batch_size:
+      chunk = {name: np.pad(v, [(0, batch_size - n)] + [(0, 0)] * (v.ndim - 1))
+               for name, v in chunk.items()}
+    out = fn(params, sharding_lib.global_batch(chunk, mesh))
+    pending.append((out if output is None else out[output], n))
+  if not pending:
+    raise ValueError('no slices to predict')
+  fetched = [jax.tree.map(lambda x, n=n: np.asarray(x)[:n], jax.device_get(p))
+             for p, n in pending]
+  return jax.tree.map(lambda *parts: np.concatenate(parts, axis=0), *fetched)
+
+
+# --- the segmenter -------------------------------------------------------------------------------
+
+class SegmenterFns(NamedTuple):
+  """A method's compiled inference functions; variables replicated, batches over 'data'."""
+  model: object
+  eval: Callable                  # (variables, batch) -> {'probs' [B,H,W], 'pred' [B,H,W]}
+  attention: Optional[Callable]   # (variables, batch) -> A_1..A_4 [B,H,W,4] (CLFC methods)
+  apply: Callable                 # (variables, batch) -> the model's raw outputs (figures)
+
+
+def attention_maps(variables, batch, *, model):
+  """CLFC attention A_1..A_4 (levels 1/8 .. full) bilinearly upsampled to the slice: [B,H,W,4]."""
+  image = batch['image']
+  out = model.apply(variables, image, batch.get('normal'), train=False)
+  b, h, w = image.shape[:3]
+  maps = [jax.image.resize(level['attention'].astype(jnp.float32), (b, h, w, 1), 'bilinear')
+          for level in out['levels']]
+  return jnp.concatenate(maps, axis=-1)
+
+
+def _apply(variables, batch, *, model):
+  return model.apply(variables, batch['image'], batch.get('normal'), train=False)
+
+
+@functools.cache
+def _segmenter_fns(config: ml_collections.FrozenConfigDict, mesh) -> SegmenterFns:
+  config = config.as_configdict()
+  model = segmenter.build_segmenter(config)
+  repl, data = sharding_lib.replicated(mesh), sharding_lib.data_sharding(mesh)
+  attention = None
+  if config.clfc.enabled:
+    attention = jax.jit(functools.partial(attention_maps, model=model),
+                        in_shardings=(repl, data), out_shardings=data)
+  return SegmenterFns(model=model, eval=train_lib.make_jitted_steps(config, mesh, model).eval,
+                      attention=attention,
+                      apply=jax.jit(functools.partial(_apply, model=model),
+                                    in_shardings=(repl, data)))
+
+
+def segmenter_fns(config, mesh) -> SegmenterFns:
+  """The compiled functions of config's method, shared by every fold and later call (the test
+  fold and the list of methods do not change them)."""
+  key = config.copy_and_resolve_references()
+  with key.unlocked():
+    key.fold = 0
+    key.methods = ()
+  return _segmenter_fns(ml_collections.FrozenConfigDict(key), mesh)
+
+
+def load_segmenter(config, run_dir, mesh):
+  """({'params', 'batch_stats'} of the best checkpoint in run_dir, its step), replicated."""
+  state, step, _ = trainer.restore_state(config, run_dir, best=True, mesh=mesh)
+  return state.variables, step
+
+
+def predict_volume(fns: SegmenterFns, variables, inputs: Mapping[str, np.ndarray],
+                   batch_size: int, mesh) -> np.ndarray:
+  """Foreground probability [Z, H, W] float32 of every slice of one case."""
+  return predict_slices(fns.eval, variables, inputs, batch_size, mesh, output='probs')
+
+
+# --- the IntroVAE --------------------------------------------------------------------------------
+
+def load_introvae(config, wd, mesh):
+  """{'enc', 'dec'}: the frozen IntroVAE's parameters, replicated over `mesh`.
+
+  Restored over the global mesh (every process takes part, as orbax expects), then copied from
+  the host onto `mesh` (which may hold only this process's devices).
+  """
+  state = introvae_trainer.restore_introvae(config, wd)
+  enc, dec = jax.device_get((state.enc_params, state.dec_params))
+  return jax.device_put({'enc': enc, 'dec': dec}, sharding_lib.replicated(mesh))
+
+
+def reconstruct_volume(config, params, unit: np.ndarray, brain, mesh) -> np.ndarray:
+  """Dec(μ(x)) of every brain-containing axial slice of `unit` [Z,H,W] in [-1, 1]; -1 elsewhere.
+
+  Slices go through the jitted reconstruction in batches of introvae.recon_batch_size
+  (rounded up to the device count), split over the 'data' axis of `mesh`.
+  """
+  recon = introvae_trainer.reconstruct_fn(config)
+  out = np.full(unit.shape, -1.0, np.float32)
+  idx = np.flatnonzero(np.asarray(brain).reshape(len(brain), -1).any(axis=1))
+  if len(idx):
+    out[idx] = predict_slices(
+        lambda p, batch: recon(p['enc'], p['dec'], batch['image']), params,
+        {'image': np.asarray(unit, np.float32)[idx, ..., None]},
+        round_batch(config.introvae.recon_batch_size, mesh), mesh)[..., 0]
+  return np.where(brain, np.clip(out, -1.0, 1.0), -1.0).astype(np.float32)

@@ -1,0 +1,194 @@
+"""The pseudo_normal stage: the frozen IntroVAE reconstructs every tumor case's T1 as a
+normal-looking T1, once (SPEC §1, §6), and we measure how faithful that is.
+
+`make_pseudo_normals` writes WORKDIR/pseudo_normal/<id>.npz ('t1' float16 [Z,H,W] in [-1, 1],
+-1 outside the brain), fidelity.json / fidelity.md, and the tumor shards with pseudo-normal
+stacks for every fold to run (`build_tumor_shards`). Volumes already on disk are not
+recomputed, so a rerun resumes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+from tqdm import tqdm
+
+from clfc_jax import predict
+from clfc_jax import sharding as sharding_lib
+from clfc_jax import workdir as workdir_lib
+from data_prep import optional
+from data_prep import inputs, normalize, store
+from data_prep.case import CaseError
+
+FIDELITY_NAME = 'fidelity'
+
+
+def _pseudo_normal_ok(path: Path) -> bool:
+  try:
+    with np.load(path) as z:
+      return inputs.PSEUDO_NORMAL_KEY in z.files
+  except (OSError, ValueError):
+    return False
+
+
+def make_pseudo_normals(config, wd, *, build_shards: bool = True,
+                        folds: Optional[Sequence[int]] = None) -> dict:
+  """Pseudo-normal T1 of every prepared tumor case, a fidelity report, and the shards.
+
+  Each case's T1 (dataset.normal_modality) is matched to the IntroVAE's normal reference and
+  scaled to [-1, 1] exactly like the training slices; every axial slice is reconstructed from
+  μ. Files already on disk are kept (resumable); writes are atomic. With build_shards, the
+  tumor shards with pseudo-normal stacks are built for `folds` (default: the folds to run).
+  Returns {cases, written, skipped, seconds_reconstruct, seconds_per_case, fidelity (means),
+  shards ({fold: {split: examples}}), seconds}.
+  """
+  start_time = time.time()
+  out_dir = Path(wd.pseudo_normal)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  ids = store.prepared_ids(wd.prep_cases)
+  if not ids:
+    raise FileNotFoundError(f'{wd.prep_cases}: no prepared tumor cases (run the prep stage)')
+  # Every process reconstructs its own share of the cases on its local devices.
+  mesh = sharding_lib.make_mesh(jax.local_devices())
+  landmarks = normalize.normal_t1_reference(wd.prep, config, workdir_lib.normal_fold(config))
+  params = predict.load_introvae(config, wd, mesh)
+  modality = config.dataset.normal_modality
+  mine = ids[jax.process_index()::jax.process_count()]
+  written, skipped, recon_seconds = [], [], 0.0
+  for case_id in tqdm(mine, desc='pseudo-normal', disable=jax.process_index() != 0):
+    path = wd.pseudo_normal_file(case_id)
+    if path.exists() and _pseudo_normal_ok(path):
+      skipped.append(case_id)
+      continue
+    where = Path(wd.prep_cases) / f'{case_id}.npz'
+    pc = store.load_prepared(wd.prep_cases, case_id)
+    if modality not in pc.modalities:
+      raise CaseError(where, f'lacks the normal-appearance modality {modality!r} '
+                      f'(has {pc.modalities})')
+    try:
+      unit = inputs.unit_t1(pc.modality(modality), pc.brain, landmarks, config)
+    except ValueError as e:
+      raise CaseError(where, f'{modality}: {e}') from None
+    t0 = time.perf_counter()
+    pseudo = predict.reconstruct_volume(config, params, unit, pc.brain, mesh)
+    recon_seconds += time.perf_counter() - t0
+    if not np.all(np.isfinite(pseudo)):
+      raise CaseError(where, 'the IntroVAE reconstruction is not finite (diverged model?)')
+    store.save_npz(path, **{inputs.PSEUDO_NORMAL_KEY: pseudo.astype(np.float16)})
+    written.append(case_id)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('pseudo_normal: volumes written')
+  summary = {'cases': len(ids), 'written': len(written), 'skipped': len(skipped),
+             'seconds_reconstruct': round(recon_seconds, 2),
+             'seconds_per_case': round(recon_seconds / max(len(written), 1), 3)}
+  if jax.process_index() == 0:
+    fidelity = fidelity_report(config, wd, landmarks)
+    summary['fidelity'] = fidelity['mean']
+    if build_shards:
+      summary['shards'] = build_tumor_shards(
+          config, wd, workdir_lib.folds_to_run(config) if folds is None else folds)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('pseudo_normal: report and shards written')
+  summary['seconds'] = round(time.time() - start_time, 2)
+  return summary
+
+
+# --- fidelity -------------------------------------------------------------------------------------
+
+_FIDELITY_FIELDS = ('mae_tumor_pseudo', 'mae_tumor_input', 'mae_normal_pseudo',
+                    'mae_normal_input')
+
+
+def case_fidelity(pseudo, tumor_unit, healthy_unit, brain, label) -> dict:
+  """MAE vs the healthy T1 inside the tumor (label > 0) and in the rest of the brain.
+
+  `*_pseudo` compares the pseudo-normal T1, `*_input` the tumor T1 the IntroVAE was given;
+  the pseudo-normal should be the closer of the two inside the tumor.
+  """
+  brain = np.asarray(brain, bool)
+  tumor = brain & (np.asarray(label) > 0)
+  normal = brain & ~tumor
+
+  def mae(a, region):
+    return float(np.mean(np.abs(a[region] - healthy_unit[region]))) if region.any() else None
+
+  return {'tumor_voxels': int(tumor.sum()), 'normal_voxels': int(normal.sum()),
+          'mae_tumor_pseudo': mae(pseudo, tumor), 'mae_tumor_input': mae(tumor_unit, tumor),
+          'mae_normal_pseudo': mae(pseudo, normal), 'mae_normal_input': mae(tumor_unit, normal)}
+
+
+def fidelity_report(config, wd, landmarks) -> dict:
+  """WORKDIR/pseudo_normal/fidelity.{json,md} over the cases with a known healthy T1.
+
+  Each healthy T1 is matched and scaled exactly like the tumor T1. Returns the JSON record:
+  {cases: [per case], mean: {field: mean over cases}, pseudo_closer_in_tumor: count, n}.
+  """
+  out_dir = Path(wd.pseudo_normal)
+  modality = config.dataset.normal_modality
+  rows = []
+  for case_id in store.prepared_ids(wd.prep_cases):
+    with np.load(Path(wd.prep_cases) / f'{case_id}.npz') as z:
+      if 'healthy_t1' not in z.files or 'label' not in z.files:
+        continue
+    path = wd.pseudo_normal_file(case_id)
+    if not path.exists():
+      continue
+    pc = store.load_prepared(wd.prep_cases, case_id)
+    pseudo = inputs.load_pseudo_normal(path, pc.brain.shape)
+    tumor_unit = inputs.unit_t1(pc.modality(modality), pc.brain, landmarks, config)
+    healthy_unit = inputs.unit_t1(pc.healthy_t1, pc.brain, landmarks, config)
+    rows.append(dict(case=case_id, **case_fidelity(pseudo, tumor_unit, healthy_unit, pc.brain,
+                                                   pc.label)))
+  mean = {}
+  for field in _FIDELITY_FIELDS:
+    values = [r[field] for r in rows if r[field] is not None]
+    mean[field] = float(np.mean(values)) if values else None
+  closer = sum(1 for r in rows if r['mae_tumor_pseudo'] is not None and
+               r['mae_tumor_pseudo'] < r['mae_tumor_input'])
+  with_tumor = sum(1 for r in rows if r['mae_tumor_pseudo'] is not None)
+  record = {'n': len(rows), 'cases_with_tumor': with_tumor, 'pseudo_closer_in_tumor': closer,
+            'mean': mean, 'cases': rows,
+            'note': 'MAE in [-1, 1] units vs the healthy T1 (matched and scaled like the '
+                    'IntroVAE input); *_input: the tumor T1 itself, the reference point.'}
+  store.write_text(out_dir / f'{FIDELITY_NAME}.json', json.dumps(record, indent=1))
+  store.write_text(out_dir / f'{FIDELITY_NAME}.md', _fidelity_markdown(record))
+  return record
+
+
+def _fidelity_markdown(record) -> str:
+  fmt = lambda v: '–' if v is None else f'{v:.4f}'
+  lines = ['# Pseudo-normal fidelity', '',
+           'Mean absolute error against the healthy T1 (synthetic cases; [-1, 1] units). '
+           '"input" is the tumor T1 the IntroVAE was given: inside the tumor, the '
+           'pseudo-normal should be closer to the healthy T1 than the input is.', '',
+           f'Cases: {record["n"]}; pseudo-normal closer inside the tumor in '
+           f'{record["pseudo_closer_in_tumor"]} of {record["cases_with_tumor"]}.', '',
+           '| case | tumor voxels | tumor: pseudo | tumor: input | normal: pseudo | '
+           'normal: input |', '|---|---:|---:|---:|---:|---:|']
+  for r in record['cases']:
+    lines.append(f'| {r["case"]} | {r["tumor_voxels"]} | ' +
+                 ' | '.join(fmt(r[f]) for f in _FIDELITY_FIELDS) + ' |')
+  lines.append('| **mean** | | ' + ' | '.join(fmt(record['mean'][f]) for f in _FIDELITY_FIELDS)
+               + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+# --- shards ---------------------------------------------------------------------------------------
+
+def build_tumor_shards(config, wd, folds: Sequence[int]) -> dict:
+  """TFDS tumor shards with pseudo-normal stacks for each fold; {fold: {split: examples}}."""
+  tfds_builders = optional.tfds_builders()
+  out = {}
+  for k in folds:
+    builder = tfds_builders.build(tfds_builders.tumor_slices_builder(
+        config, wd.tfds, int(k), with_pseudo_normal=True, prep_dir=wd.prep,
+        pseudo_normal_dir=wd.pseudo_normal))
+    out[int(k)] = {name: split.num_examples for name, split in builder.info.splits.items()}
+  logging.info('pseudo-normal tumor shards: %s', out)
+  return out

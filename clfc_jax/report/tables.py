@@ -1,0 +1,77 @@
+"""Table 1 and its companions as markdown: patient-wise mean ± std per method with Wilcoxon
+p-values against CLFC (clfc_jax.stats), per-fold means, and the paper's numbers beside ours."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from clfc_jax import stats
+
+REFERENCE_METHOD = 'clfc'
+# The paper's Table 1 (BraTS 2019, 5-fold, WT; Dice and sensitivity in %, HD95 in mm).
+PAPER_TABLE1 = {
+    'nnU-Net': (90.53, 89.51, 8.05),
+    'Baseline-1': (90.54, 90.00, 4.63),
+    'Baseline-2': (91.18, 90.79, 4.23),
+    'CLFC (ours)': (91.86, 91.90, 3.84),
+}
+
+
+def method_name(method):
+  return stats.METHOD_NAMES.get(method, method)
+
+
+def _same_patients(per_patient) -> bool:
+  sets = [frozenset(map(str, r['patient'])) for r in per_patient.values()]
+  return all(s == sets[0] for s in sets)
+
+
+def fold_means(per_patient, folds, metrics=stats.METRICS) -> list:
+  """Rows {'method', 'fold', 'n', <metric>: mean in Table 1 units} per method and fold."""
+  rows = []
+  for method, results in per_patient.items():
+    fold_of = np.asarray(results['fold'])
+    for k in folds:
+      sel = fold_of == int(k)
+      row = {'method': method, 'fold': int(k), 'n': int(sel.sum())}
+      for m in metrics:
+        values = np.asarray(results[m], np.float64)[sel] * stats.METRIC_SCALE[m]
+        row[m] = float(values.mean()) if sel.any() else float('nan')
+      rows.append(row)
+  return rows
+
+
+def table1(per_patient, path_md, path_csv) -> str:
+  """Writes table1.md / table1.csv and returns the markdown section with its note."""
+  if REFERENCE_METHOD not in per_patient:
+    reference, note = None, f'No {method_name(REFERENCE_METHOD)} results: no p-values.'
+  elif not _same_patients(per_patient):   # only in partial reports (allow_missing)
+    reference, note = None, 'Methods were scored on different patients: no p-values.'
+  else:
+    reference = REFERENCE_METHOD
+    note = ('p: two-sided Wilcoxon signed-rank test of patient-wise Dice against '
+            f'{method_name(REFERENCE_METHOD)}.')
+  # A reference that is not among the results makes write_table1 leave p out.
+  stats.write_table1(path_md, path_csv, per_patient, reference=reference or 'none')
+  return ('## Table 1: whole tumor, native space\n\n'
+          + Path(path_md).read_text() + f'\nMean ± sample std over patients. {note}\n')
+
+
+def fold_means_table(per_patient, folds) -> str:
+  lines = ['## Per-fold means', '', '| Method | Fold | n | '
+           + ' | '.join(stats.METRIC_HEADER[m] for m in stats.METRICS) + ' |',
+           '|' + '---|' * (3 + len(stats.METRICS))]
+  for row in fold_means(per_patient, folds):
+    cells = ['—' if row['n'] == 0 else f'{row[m]:.2f}' for m in stats.METRICS]
+    lines.append(f'| {method_name(row["method"])} | {row["fold"]} | {row["n"]} | '
+                 + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def paper_table() -> str:
+  lines = ['## For comparison: the paper (BraTS 2019, 5-fold)', '',
+           '| Method | Dice (%) | Sensitivity (%) | HD95 (mm) |', '|---|---|---|---|']
+  lines += [f'| {name} | {d:.2f} | {s:.2f} | {h:.2f} |' for name, (d, s, h) in
+            PAPER_TABLE1.items()]
+  return '\n'.join(lines) + '\n'
