@@ -24,6 +24,31 @@ def dice_loss(logits, label, smooth):
   return 1.0 - (2.0 * jnp.sum(p * y) + smooth) / (jnp.sum(p) + jnp.sum(y) + smooth)
 
 
+def region_dice_loss(logits, targets, smooth):
+  """Region-based soft Dice: sigmoid per region channel, one pooled Dice per region, their mean.
+
+  `logits` [B, H, W, R] (one independent sigmoid per region, nnU-Net's region-based training:
+  WT, TC, ET overlap, so no softmax); `targets` [B, H, W, R] 0/1 (region_targets). Each
+  region's 1 - (2Σpy + s) / (Σp + Σy + s) is pooled over the whole batch like dice_loss, so a
+  slice without ET adds nothing to the ET term instead of a Dice of 0 or 1.
+  """
+  if logits.shape != targets.shape:
+    raise ValueError(f'region logits {logits.shape} and targets {targets.shape} differ')
+  p = jax.nn.sigmoid(logits.astype(jnp.float32))
+  y = targets.astype(jnp.float32)
+  axes = tuple(range(p.ndim - 1))
+  dice = (2.0 * jnp.sum(p * y, axes) + smooth) / (jnp.sum(p, axes) + jnp.sum(y, axes) + smooth)
+  return 1.0 - jnp.mean(dice)
+
+
+def region_targets(label, region_values):
+  """0/1 float32 [..., R] targets of an integer label map; `region_values` holds one tuple of
+  label values per region (data_prep.labels.region_values, e.g. ((1, 2, 4), (1, 4), (4,)))."""
+  label = label[..., None]
+  return jnp.stack([jnp.any(label == jnp.asarray(v, label.dtype), axis=-1)
+                    for v in region_values], axis=-1).astype(jnp.float32)
+
+
 def cross_entropy(logits, label):
   """Mean pixel-wise softmax cross-entropy."""
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(

@@ -164,6 +164,16 @@ def get_config():
   iv.recon_batch_size = 32    # slices per jitted pseudo-normal reconstruction call (padded).
   iv.cheap_cpu_compile = False  # XLA:CPU -O0 compiles (tests, smoke runs).
 
+  # --- What is segmented and how labels read (data_prep/labels.py, metrics.lesion_wise) -------
+  c.task = tk = ml_collections.ConfigDict()
+  tk.regions = 'wt'          # 'wt' (the paper) | 'wt_tc_et' (nested WT ⊇ TC ⊇ ET, nnU-Net style).
+  tk.label_convention = 'brats2021'   # brats2021 | brats2023 | msd | brats2024_post.
+  # BraTS 2023 lesion-wise scoring (BraTS-GLI settings of the challenge's evaluation code).
+  tk.lesion = ls = ml_collections.ConfigDict()
+  ls.dilation = 3            # GT dilation iterations (voxels) for merging and matching lesions.
+  ls.min_volume_mm3 = 50.0   # GT lesions of at most this volume are ignored.
+  ls.miss_hd95_mm = 374.0    # HD95 of a missed GT lesion or a false-positive lesion.
+
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 32          # slices per jitted prediction call.
   e.tta = False              # mirroring test-time augmentation.

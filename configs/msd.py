@@ -8,4 +8,5 @@ def get_config(method='clfc'):
   c.dataset.layout = 'msd'
   c.dataset.label_name = 'label'
   c.dataset.allowed_labels = (0, 1, 2, 3)
+  c.task.label_convention = 'msd'   # 1 edema, 2 non-enhancing, 3 enhancing.
   return default.apply_method(c, method or 'clfc')

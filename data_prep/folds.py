@@ -100,3 +100,58 @@ def prepared_split(prep_dir, config, fold: int) -> dict:
       raise CaseError(cases_dir / f'{i}.json', f'unreadable case metadata ({e})') from None
   fold_lists = load_or_make_folds(prep_dir / store.FOLDS_FILE, ids, groups, config)
   return split_for_fold(fold_lists, fold, config.data.val_fraction, config.data.split_seed)
+
+
+# --- nnU-Net interop ---------------------------------------------------------------------------
+def nnunet_splits(folds) -> list:
+  """Our folds as nnU-Net's splits_final.json: one {'train', 'val'} per fold.
+
+  nnU-Net's 'val' of fold k is our test fold k (what its cross-validation predicts and scores);
+  its 'train' is every other patient (our train + val: nnU-Net selects no model on a
+  validation split, it trains a fixed number of epochs). Training nnU-Net with these splits
+  puts its per-fold numbers on exactly our test patients.
+  """
+  folds = [sorted(map(str, f)) for f in folds]
+  flat = [i for f in folds for i in f]
+  if len(set(flat)) != len(flat):
+    raise ValueError('nnunet_splits: a patient is in more than one fold')
+  return [{'train': sorted(i for j, f in enumerate(folds) if j != k for i in f), 'val': f}
+          for k, f in enumerate(folds)]
+
+
+def save_nnunet_splits(path, folds) -> Path:
+  """Writes nnunet_splits(folds) to `path` (nnU-Net reads it from
+  nnUNet_preprocessed/<Dataset>/splits_final.json)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f'.{path.name}.tmp')
+  tmp.write_text(json.dumps(nnunet_splits(folds), indent=1))
+  os.replace(tmp, path)
+  return path
+
+
+def load_nnunet_splits(path) -> list:
+  """Folds (sorted id lists) from an nnU-Net splits_final.json: fold k = its 'val' list.
+
+  Refused unless the 'val' lists are disjoint and each fold's 'train' is exactly the other
+  folds' patients, the only kind of split that maps onto our test folds.
+  """
+  from data_prep.case import CaseError  # pylint: disable=g-import-not-at-top
+  path = Path(path)
+  try:
+    splits = json.loads(path.read_text())
+    folds = [sorted(map(str, s['val'])) for s in splits]
+    trains = [sorted(map(str, s['train'])) for s in splits]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CaseError(path, f"not an nnU-Net splits file (a list of {{'train', 'val'}}: {e})"
+                    ) from None
+  if len(folds) < 2:
+    raise CaseError(path, f'{len(folds)} fold(s); at least 2 expected')
+  flat = [i for f in folds for i in f]
+  if len(set(flat)) != len(flat):
+    raise CaseError(path, "a patient is in the 'val' list of more than one fold")
+  for k, (train, expected) in enumerate(zip(trains, nnunet_splits(folds))):
+    if train != expected['train']:
+      raise CaseError(path, f"fold {k}: 'train' is not the other folds' 'val' patients "
+                      '(not a k-fold split)')
+  return folds

@@ -28,7 +28,8 @@ def find_cases(config, root=None) -> list[Case]:
   """The tumor cohort under `root` (default config.dataset.root) in config.dataset.layout."""
   d = config.dataset
   root = _existing_dir(root or d.root, f'{d.layout} cohort root')
-  readers = {'brats': _find_brats, 'msd': _find_msd, 'generic': _find_generic}
+  readers = {'brats': _find_brats, 'msd': _find_msd, 'generic': _find_generic,
+             'nnunet': _find_nnunet}
   if d.layout not in readers:
     raise ValueError(f'unknown dataset.layout {d.layout!r}; expected one of {tuple(readers)}')
   cases = readers[d.layout](root, d)
@@ -305,4 +306,120 @@ def _sorted_unique(cases: Sequence[Case], root: Path) -> list[Case]:
       raise CaseError(root, f'case id {case.case_id!r} occurs twice '
                       f'(groups {seen[case.case_id]!r} and {case.group!r})')
     seen[case.case_id] = case.group
+  return cases
+
+
+# --- nnU-Net v2 raw layout ---------------------------------------------------------------------
+# Channel names reduced by modality_key, per config modality; BraTS 2023 writes t1n/t1c/t2w/t2f,
+# MSD FLAIR/T1w/t1gd/T2w, nnU-Net's BraTS 2021 conversion T1/T1ce/T2/Flair.
+_MODALITY_ALIASES = {
+    't1': ('t1', 't1w', 't1n', 't1native', 't1pre'),
+    't1ce': ('t1ce', 't1c', 't1gd', 't1wce', 't1post', 't1contrast', 't1gad'),
+    't2': ('t2', 't2w'),
+    'flair': ('flair', 't2flair', 't2f', 't2wflair'),
+}
+_LAYOUT_HELP['nnunet'] = ('expected dataset.json, imagesTr/<ID>_<XXXX><file_ending> and '
+                          'labelsTr/<ID><file_ending>')
+
+
+def modality_key(name) -> str:
+  """A modality or channel name reduced for matching: lower case, letters and digits only, with
+  common aliases folded (T1Gd, T1c, T1-CE -> 't1ce'; T2-FLAIR, t2f -> 'flair'; T1w -> 't1')."""
+  key = re.sub(r'[^a-z0-9]', '', str(name).lower())
+  for canonical, aliases in _MODALITY_ALIASES.items():
+    if key in aliases:
+      return canonical
+  return key
+
+
+def read_nnunet_dataset_json(root) -> dict:
+  """dataset.json of an nnU-Net raw dataset folder, checked.
+
+  Returns {'channel_names': {int index: name}, 'labels': {name: int or tuple of ints},
+  'file_ending': str, 'path': Path}. nnU-Net v1's 'modality' stands in for 'channel_names'
+  and a missing 'file_ending' means '.nii.gz' (v1's only format); only NIfTI endings are read.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  path = Path(root) / 'dataset.json'
+  if not path.is_file():
+    raise CaseError(path, f'no dataset.json ({_LAYOUT_HELP["nnunet"]})')
+  try:
+    record = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise CaseError(path, f'unreadable dataset.json ({e})') from None
+  if not isinstance(record, dict):
+    raise CaseError(path, 'dataset.json does not hold a JSON object')
+  names = record.get('channel_names', record.get('modality'))
+  if not isinstance(names, dict) or not names:
+    raise CaseError(path, "dataset.json has no 'channel_names' (index -> name)")
+  try:
+    channels = {int(i): str(n) for i, n in names.items()}
+  except ValueError:
+    raise CaseError(path, f"dataset.json 'channel_names' keys must be channel indices, got "
+                    f'{sorted(names)}') from None
+  labels = record.get('labels')
+  if not isinstance(labels, dict) or not labels:
+    raise CaseError(path, "dataset.json has no 'labels' (name -> value)")
+  try:
+    labels = {str(k): int(v) if not isinstance(v, (list, tuple)) else tuple(int(x) for x in v)
+              for k, v in labels.items()}
+  except (TypeError, ValueError):
+    raise CaseError(path, "dataset.json 'labels' values must be integers or lists of "
+                    'integers (name -> value, nnU-Net v2)') from None
+  ending = str(record.get('file_ending', '.nii.gz'))
+  if ending not in NIFTI_SUFFIXES:
+    raise CaseError(path, f'file_ending {ending!r} is not NIfTI {NIFTI_SUFFIXES}: convert '
+                    'the images first')
+  return {'channel_names': channels, 'labels': labels, 'file_ending': ending, 'path': path}
+
+
+def nnunet_label_values(dataset_json) -> tuple:
+  """Every label value dataset.json's 'labels' names (region lists flattened), sorted."""
+  values = set()
+  for v in dataset_json['labels'].values():
+    values.update(v if isinstance(v, tuple) else (v,))
+  return tuple(sorted(values))
+
+
+def nnunet_channels(dataset_json, modalities) -> dict:
+  """{modality: channel index} for the config's modalities, matched by modality_key."""
+  path = dataset_json['path']
+  by_key = {}
+  for index, name in sorted(dataset_json['channel_names'].items()):
+    key = modality_key(name)
+    if key in by_key:
+      raise CaseError(path, f'channels {by_key[key][1]!r} and {name!r} both read as '
+                      f'modality {key!r}')
+    by_key[key] = (index, name)
+  found, missing = {}, []
+  for m in modalities:
+    if modality_key(m) in by_key:
+      found[m] = by_key[modality_key(m)][0]
+    else:
+      missing.append(m)
+  if missing:
+    names = {i: n for i, n in sorted(dataset_json['channel_names'].items())}
+    raise CaseError(path, f'dataset.modalities {missing} are not among channel_names {names} '
+                    '(set dataset.modalities to names matching them)')
+  return found
+
+
+def _find_nnunet(root: Path, d) -> list[Case]:
+  """imagesTr/<ID>_<XXXX><ending> per channel and labelsTr/<ID><ending>; dataset.json names
+  the channels, matched to dataset.modalities case-insensitively with common aliases."""
+  meta = read_nnunet_dataset_json(root)
+  channels = nnunet_channels(meta, d.modalities)
+  ending = meta['file_ending']
+  images_dir = root / 'imagesTr'
+  if not images_dir.is_dir():
+    raise CaseError(root, f'no imagesTr folder ({_LAYOUT_HELP["nnunet"]})')
+  pattern = re.compile(r'^(.+)_\d{4}' + re.escape(ending) + '$')
+  ids = sorted({m.group(1) for p in images_dir.iterdir()
+                if p.is_file() and not p.name.startswith('._') and (m := pattern.match(p.name))})
+  label_paths = [root / 'labelsTr' / f'{cid}{ending}' for cid in ids]
+  labelled = any(p.exists() for p in label_paths)
+  cases = []
+  for cid, label_path in zip(ids, label_paths):
+    images = {m: ImageRef(images_dir / f'{cid}_{channels[m]:04d}{ending}') for m in d.modalities}
+    cases.append(Case(cid, images, label=ImageRef(label_path) if labelled else None))
   return cases

@@ -105,3 +105,46 @@ def test_segmentation_loss_sums_its_terms(level_features):
   loss_plain, metrics_plain = losses.segmentation_loss({'logits': logits}, label, config)
   assert float(metrics_plain['sim']) == 0.0
   assert float(loss_plain) == pytest.approx(float(metrics['dice_loss'] + 0.5 * metrics['ce']))
+
+
+def test_region_dice_hand_computed_one_dice_per_region():
+  # Region 0: probabilities 0.75, 0.25, 0.5, 0.75 against 1, 0, 1, 0 (as four_pixels).
+  # Region 1: all 0.25 against a single positive pixel.
+  z0 = jnp.array([LOG3, -LOG3, 0.0, LOG3])
+  z1 = jnp.full((4,), -LOG3)
+  logits = jnp.stack([z0, z1], -1).reshape(1, 2, 2, 2)
+  targets = jnp.array([[1, 0], [0, 0], [1, 0], [0, 1]], jnp.float32).reshape(1, 2, 2, 2)
+  s = 1e-5
+  d0 = (2 * 1.25 + s) / (2.25 + 2 + s)
+  d1 = (2 * 0.25 + s) / (1.0 + 1 + s)
+  loss = losses.region_dice_loss(logits, targets, s)
+  assert float(loss) == pytest.approx(1 - (d0 + d1) / 2, rel=1e-6)
+  # Not the Dice of the pooled channels: regions weigh equally whatever their size.
+  pooled = 1 - (2 * (1.25 + 0.25) + s) / (3.25 + 3 + s)
+  assert float(loss) != pytest.approx(pooled, rel=1e-3)
+  grad = jax.grad(lambda z: losses.region_dice_loss(z, targets, s))(logits)
+  assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad[..., 1]).ravel()[3] < 0)
+  with pytest.raises(ValueError, match='differ'):
+    losses.region_dice_loss(logits, targets[..., :1], s)
+
+
+def test_region_dice_with_one_region_is_the_softmax_dice():
+  # A two-class softmax with logits (0, z) has foreground probability sigmoid(z).
+  z = jax.random.normal(jax.random.key(5), (3, 4, 5, 1))
+  label = (jax.random.uniform(jax.random.key(6), (3, 4, 5)) < 0.3).astype(jnp.int32)
+  softmax_logits = jnp.concatenate([jnp.zeros_like(z), z], -1)
+  region = losses.region_dice_loss(z, label[..., None].astype(jnp.float32), 1e-5)
+  assert float(region) == pytest.approx(float(losses.dice_loss(softmax_logits, label, 1e-5)),
+                                        rel=1e-5)
+
+
+def test_region_targets_follow_the_label_convention():
+  from data_prep import labels  # pylint: disable=g-import-not-at-top
+  label = np.array([[0, 1, 2], [4, 2, 1]], np.int32)
+  values = [labels.region_values('brats2021', r) for r in labels.region_names('wt_tc_et')]
+  targets = losses.region_targets(jnp.asarray(label), values)
+  assert targets.shape == (2, 3, 3) and targets.dtype == jnp.float32
+  np.testing.assert_array_equal(targets,
+                                labels.region_masks(label, 'brats2021').astype(np.float32))
+  jitted = jax.jit(losses.region_targets, static_argnums=1)
+  np.testing.assert_array_equal(jitted(jnp.asarray(label), tuple(values)), targets)
