@@ -20,7 +20,7 @@ def get_config():
   # --- Where the data comes from (SPEC §2, §9) -----------------------------------------------
   c.dataset = d = ml_collections.ConfigDict()
   d.name = 'brats2019'
-  d.layout = 'brats'         # brats | msd | generic
+  d.layout = 'brats'         # brats | msd | generic | nnunet
   d.root = ''                # the user's cohort folder (TFDS manual_dir); '' = not given.
   d.normal_root = ''         # IXI-layout folder of normal T1s; '' = tumor-free-slice fallback.
   d.modalities = ('t1', 't1ce', 't2', 'flair')   # order fixed; channel order of the backbone.

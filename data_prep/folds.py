@@ -124,10 +124,7 @@ def save_nnunet_splits(path, folds) -> Path:
   nnUNet_preprocessed/<Dataset>/splits_final.json)."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'.{path.name}.tmp')
-  tmp.write_text(json.dumps(nnunet_splits(folds), indent=1))
-  os.replace(tmp, path)
-  return path
+  return store.write_text(path, json.dumps(nnunet_splits(folds), indent=1))
 
 
 def load_nnunet_splits(path) -> list:
@@ -136,7 +133,6 @@ def load_nnunet_splits(path) -> list:
   Refused unless the 'val' lists are disjoint and each fold's 'train' is exactly the other
   folds' patients, the only kind of split that maps onto our test folds.
   """
-  from data_prep.case import CaseError  # pylint: disable=g-import-not-at-top
   path = Path(path)
   try:
     splits = json.loads(path.read_text())

@@ -13,6 +13,7 @@ Every function returns cases sorted by case id, so the order is deterministic.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -339,7 +340,6 @@ def read_nnunet_dataset_json(root) -> dict:
   'file_ending': str, 'path': Path}. nnU-Net v1's 'modality' stands in for 'channel_names'
   and a missing 'file_ending' means '.nii.gz' (v1's only format); only NIfTI endings are read.
   """
-  import json  # pylint: disable=g-import-not-at-top
   path = Path(root) / 'dataset.json'
   if not path.is_file():
     raise CaseError(path, f'no dataset.json ({_LAYOUT_HELP["nnunet"]})')
