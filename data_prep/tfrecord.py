@@ -11,6 +11,9 @@ The accelerator machine has JAX but no TensorFlow, so the shards the TFDS builde
     payload (see its docstring for the field numbers).
   * TFDS features: features.json / dataset_info.json are read as plain JSON and each feature is
     decoded as tfds.as_numpy decodes it (Tensor / Scalar with encoding none, bytes or zlib; Text).
+  * `ShardSource`: one split as a grain RandomAccessDataSource, plus `column(name)` for the small
+    features of every record. Record indexes and columns are cached in sidecars next to each
+    shard (`<shard>.index.npz`, `<shard>.columns.npz`), stamped with the shard's size and mtime.
 
 Never import tensorflow or tensorflow_datasets here: this module must work where they are absent.
 """
