@@ -181,6 +181,16 @@ def get_config():
   e.threshold = 0.5          # on the native-space foreground probability (after linear resampling).
   e.wt_label = 1             # label value of whole tumor in the written predictions (BraTS style).
 
+  # clfc_jax/postprocess.py: prediction hygiene after the threshold, in native space.
+  c.postprocess = pp = ml_collections.ConfigDict()
+  pp.brain_mask = True       # no tumor outside the brain mask.
+  pp.min_volume_ml = 0.0     # connected components below this are removed (0 = off); set it
+                             # with postprocess.choose_min_volume on validation patients.
+  pp.min_volume_candidates = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+  pp.min_gain = 0.0          # mean-Dice gain a candidate needs over no removal.
+  pp.connectivity = 26       # neighbours that join voxels into a component: 6 | 18 | 26.
+  pp.keep_largest = True     # the largest component is kept whatever its volume.
+
   c.report = r = ml_collections.ConfigDict()
   r.figures = True           # Figs. 2-4, pseudo-normal examples, training curves (report/figures/).
   r.figure_patients = 3      # test patients shown (best, median, worst clfc Dice).
