@@ -12,7 +12,9 @@ Tumor subjects get one or more lobulated lesions (`TumorPlan`) with nested BraTS
 matter, modality-specific appearance and mass effect, plus the same subject's tumor-free T1
 (same anatomy, same scanner draw: the pseudo-normal ground truth).
 
-Two profiles (`PROFILES`): 'train', the embedded default every demo model learns from, and
+Profiles (`PROFILES`): 'train', the embedded default every demo model learns from, 'plain'
+(one LPS grid at the nominal spacing, mild scanner variety, one focus: the generator as it was
+before profiles, for tests that need a predictable grid and as a narrow baseline), and
 'heldout', an independent test cohort drawn from its own seed stream, whose orientations
 (incl. sagittal / coronal, oblique), finer grids, gains, contrast curves, blur, slice
 thickness, bias, noise, skull-strip faults, outliers and infiltration come from ranges the
@@ -111,7 +113,8 @@ class Profile:
   name: str
   stream: int                 # seed word: profiles never share random numbers.
   orientations: tuple         # nibabel axis codes of tumor grids; array axis 2 is the slice axis.
-  inplane_voxel: tuple        # voxel size of array axes 0, 1 / spacing.
+  inplane_voxel: tuple        # voxel size of array axis 0 / spacing ...
+  inplane_aspect: tuple       # ... and axis 1 / axis 0.
   slice_voxel: tuple          # voxel size of array axis 2 / spacing.
   oblique_deg: tuple          # grid tilt about a random axis, degrees.
   gain: tuple                 # scanner scale per modality, log-uniform.
@@ -139,10 +142,26 @@ class Profile:
 
 
 PROFILES = {
+    # The generator before profiles existed, in these terms: BraTS LPS grid at the nominal
+    # spacing, mild gain / bias / noise / contrast variety, one focus. For tests and figures that
+    # need a predictable grid, and as the narrow baseline the 'train' variety is measured against.
+    'plain': Profile(
+        name='plain', stream=2,
+        orientations=('LPS',), inplane_voxel=(1.0, 1.0), inplane_aspect=(1.0, 1.0),
+        slice_voxel=(1.0, 1.0),
+        oblique_deg=(0.0, 0.0), gain=(300.0, 3000.0), offset=(0.0, 0.0),
+        contrast_jitter=(0.06, 0.06), gamma=((1.0, 1.0),),
+        bias_strength=(0.05, 0.12), bias_cell_mm=(40.0, 40.0), noise_std=(0.015, 0.04),
+        psf_sigma=(0.0, 0.0), thick_prob=0.0, slice_thickness=(0.0, 0.0),
+        rim_prob=0.0, rim_width=(0.0, 0.0), rim_cover=(0.0, 0.0),
+        cut_prob=0.0, cut_depth=(0.0, 0.0), cut_cover=(0.0, 0.0), outlier_fraction=(0.0, 0.0),
+        tumor_ml=(0.5, 100.0), foci_probs=(1.0,), site_probs=(0.7, 0.15, 0.15),
+        infiltration=(0.0, 0.0), hgg_fraction=0.75),
     'train': Profile(
         name='train', stream=0,
         orientations=('LPS', 'RAS', 'LAS', 'RPS'),
-        inplane_voxel=(1.0, 1.4), slice_voxel=(1.0, 2.0), oblique_deg=(0.0, 0.0),
+        inplane_voxel=(1.0, 1.4), inplane_aspect=(0.9, 1.1), slice_voxel=(1.0, 2.0),
+        oblique_deg=(0.0, 0.0),
         gain=(200.0, 5000.0), offset=(0.0, 0.05), contrast_jitter=(0.0, 0.10),
         gamma=((0.8, 1.25),),
         bias_strength=(0.03, 0.25), bias_cell_mm=(30.0, 80.0), noise_std=(0.01, 0.06),
@@ -155,7 +174,8 @@ PROFILES = {
     'heldout': Profile(
         name='heldout', stream=1,
         orientations=('LPI', 'RAI', 'ASL', 'LSA'),
-        inplane_voxel=(0.8, 1.0), slice_voxel=(0.8, 1.0), oblique_deg=(3.0, 12.0),
+        inplane_voxel=(0.8, 1.0), inplane_aspect=(0.9, 1.1), slice_voxel=(0.8, 1.0),
+        oblique_deg=(3.0, 12.0),
         gain=(30.0, 200.0), offset=(0.08, 0.2), contrast_jitter=(0.10, 0.15),
         gamma=((0.65, 0.8), (1.25, 1.5)),
         bias_strength=(0.25, 0.35), bias_cell_mm=(18.0, 30.0), noise_std=(0.06, 0.09),
@@ -301,7 +321,8 @@ def draw_acquisition(rng: np.random.Generator, profile: Union[str, Profile] = 't
   p = get_profile(profile)
   orientation = str(p.orientations[rng.integers(len(p.orientations))])
   inplane = _uniform(rng, p.inplane_voxel) * spacing
-  voxel = (inplane, inplane * _uniform(rng, (0.9, 1.1)), _uniform(rng, p.slice_voxel) * spacing)
+  voxel = (inplane, inplane * _uniform(rng, p.inplane_aspect),
+           _uniform(rng, p.slice_voxel) * spacing)
   axis = rng.standard_normal(3)
   axis /= np.linalg.norm(axis)
   oblique = _uniform(rng, p.oblique_deg)
@@ -1053,8 +1074,9 @@ def main(argv=None) -> int:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--spacing', type=float, default=1.0, help='nominal voxel size, mm')
   parser.add_argument('--profile', default='train', choices=sorted(PROFILES),
-                      help="'train' (the embedded default) or 'heldout' (an independent "
-                           'test cohort from ranges the training profile does not use)')
+                      help="'train' (the embedded default), 'heldout' (an independent test "
+                           "cohort from ranges the training profile does not use) or 'plain' "
+                           '(one LPS grid at --spacing, mild scanner variety, one focus)')
   parser.add_argument('--no-progress', action='store_true')
   args = parser.parse_args(argv)
   summary = generate_cohort(args.out, args.tumor_cases, args.normal_cases, args.seed,

@@ -102,7 +102,7 @@ def test_tumor_appearance_per_modality():
   """The tumor's own look, through a scanner without blur, thick slices or noise (a thin
   enhancing rim in a thick-slice T1ce loses its contrast, as it does in real data)."""
   checked = {'core': 0, 'enhancing': 0}
-  plain = _plain(inplane_voxel=(1.0, 1.0), tumor_ml=(1.0, 200.0),
+  plain = _quiet(inplane_voxel=(1.0, 1.0), tumor_ml=(1.0, 200.0),
                  foci_probs=synthetic.PROFILES['train'].foci_probs)
   for i in SUBJECTS:
     s = synthetic.make_tumor_subject(synthetic.subject_rng(SEED, 'tumor', i, plain), SPACING,
@@ -233,6 +233,9 @@ def _span(values):
 
 
 def _inside(values, lo_hi):
+  values = list(values)
+  if not values:
+    return True
   lo, hi = _span(values)
   return lo_hi[0] - 1e-9 <= lo and hi <= lo_hi[1] + 1e-9
 
@@ -256,6 +259,7 @@ def test_each_profile_draws_within_its_documented_ranges():
     acqs, plans = _draws(name)
     assert {a.orientation for a in acqs} == set(p.orientations)
     assert _inside([a.voxel_mm[0] / SPACING for a in acqs], p.inplane_voxel)
+    assert _inside([a.voxel_mm[1] / a.voxel_mm[0] for a in acqs], p.inplane_aspect)
     assert _inside([a.voxel_mm[2] / SPACING for a in acqs], p.slice_voxel)
     assert _inside([a.oblique_deg for a in acqs], p.oblique_deg)
     for field in ('gain', 'offset'):
@@ -310,11 +314,12 @@ def test_heldout_draws_what_train_never_does():
   assert _span(q.infiltration for q in tp)[1] <= _span(q.infiltration for q in hp)[0]
 
 
-def _plain(**changes):
+def _quiet(**changes):
   """The train profile on one fixed grid with no noise and no optional scanner trait."""
   base = dataclasses.replace(
       synthetic.PROFILES['train'], orientations=('LPS',), inplane_voxel=(1.0, 1.0),
-      slice_voxel=(1.0, 1.0), noise_std=(0.0, 0.0), psf_sigma=(0.0, 0.0), thick_prob=0.0,
+      inplane_aspect=(1.0, 1.0), slice_voxel=(1.0, 1.0), noise_std=(0.0, 0.0),
+      psf_sigma=(0.0, 0.0), thick_prob=0.0,
       rim_prob=0.0, cut_prob=0.0, outlier_fraction=(0.0, 0.0), gain=(1000.0, 1000.0),
       offset=(0.0, 0.0), foci_probs=(1.0,), tumor_ml=(20.0, 20.0))
   return dataclasses.replace(base, **changes)
@@ -327,7 +332,7 @@ def _render(profile, index=0):
 
 @pytest.fixture(scope='module')
 def plain():
-  return _render(_plain())
+  return _render(_quiet())
 
 
 def _mask(subject):
@@ -344,19 +349,19 @@ def _get(subject, name):
 
 def test_scanner_changes_leave_anatomy_and_tumor_alone(plain):
   """Gain scales the images; the label, grid and (noise-free) anatomy stay the same."""
-  brighter = _render(_plain(gain=(2000.0, 2000.0)))
+  brighter = _render(_quiet(gain=(2000.0, 2000.0)))
   np.testing.assert_array_equal(brighter.label, plain.label)
   np.testing.assert_array_equal(brighter.affine, plain.affine)
   for m, arr in plain.images.items():
     assert np.abs(brighter.images[m].astype(np.float64) - 2.0 * arr).max() <= 1.0, m
-  offset = _render(_plain(offset=(0.1, 0.1)))
+  offset = _render(_quiet(offset=(0.1, 0.1)))
   inside = _mask(plain)
   np.testing.assert_allclose(offset.images['t1'][inside].astype(np.float64),
                              plain.images['t1'][inside] + 100.0, atol=1.0)
 
 
 def test_thick_slices_blur_across_slices_only(plain):
-  thick = _render(_plain(thick_prob=1.0, slice_thickness=(12.0, 12.0)))
+  thick = _render(_quiet(thick_prob=1.0, slice_thickness=(12.0, 12.0)))
   np.testing.assert_array_equal(thick.label, plain.label)
   inside = ndi.binary_erosion(_mask(plain), iterations=2)
   for m in MODALITIES_AND_HEALTHY:
@@ -370,7 +375,7 @@ def test_thick_slices_blur_across_slices_only(plain):
 
 
 def test_in_plane_blur_blurs_within_slices(plain):
-  blurred = _render(_plain(psf_sigma=(1.0, 1.0)))
+  blurred = _render(_quiet(psf_sigma=(1.0, 1.0)))
   np.testing.assert_array_equal(blurred.label, plain.label)
   inside = ndi.binary_erosion(_mask(plain), iterations=2)
   for m in MODALITIES_AND_HEALTHY:
@@ -383,7 +388,7 @@ def test_in_plane_blur_blurs_within_slices(plain):
 
 def test_skull_strip_faults_add_a_rim_and_cut_cortex_not_tumor(plain):
   brain = _mask(plain)
-  rimmed = _render(_plain(rim_prob=1.0, rim_width=(6.0, 6.0), rim_cover=(0.5, 0.5)))
+  rimmed = _render(_quiet(rim_prob=1.0, rim_width=(6.0, 6.0), rim_cover=(0.5, 0.5)))
   extra = _mask(rimmed) & ~brain
   assert not np.any(brain & ~_mask(rimmed))
   assert extra.sum() > 0.02 * brain.sum()
@@ -394,7 +399,7 @@ def test_skull_strip_faults_add_a_rim_and_cut_cortex_not_tumor(plain):
   assert (healthy_extra != extra).mean() < 1e-3       # only the tumor's mass effect differs.
   np.testing.assert_array_equal(rimmed.label, plain.label)
 
-  cut = _render(_plain(cut_prob=1.0, cut_depth=(6.0, 6.0), cut_cover=(0.5, 0.5)))
+  cut = _render(_quiet(cut_prob=1.0, cut_depth=(6.0, 6.0), cut_cover=(0.5, 0.5)))
   removed = brain & ~_mask(cut)
   assert not np.any(_mask(cut) & ~brain)
   assert removed.sum() > 0.02 * brain.sum()
@@ -405,7 +410,7 @@ def test_skull_strip_faults_add_a_rim_and_cut_cortex_not_tumor(plain):
 
 
 def test_outliers_are_sparse_hot_or_cold_voxels(plain):
-  spiky = _render(_plain(outlier_fraction=(2e-3, 2e-3)))
+  spiky = _render(_quiet(outlier_fraction=(2e-3, 2e-3)))
   for m in MODALITIES_AND_HEALTHY:
     before, after = (np.asarray(_get(s, m), np.float64) for s in (plain, spiky))
     changed = (before != after) & (before > 50)
@@ -417,7 +422,7 @@ def test_outliers_are_sparse_hot_or_cold_voxels(plain):
 
 
 def test_contrast_curve_changes_tissue_contrast(plain):
-  steep = _render(_plain(gamma=((1.5, 1.5),)))
+  steep = _render(_quiet(gamma=((1.5, 1.5),)))
   t1 = [np.asarray(s.images['t1'], np.float64) for s in (plain, steep)]
   inside = _mask(plain) & (plain.label == 0)
   lo, hi = np.percentile(t1[0][inside], [20, 90])
@@ -427,7 +432,7 @@ def test_contrast_curve_changes_tissue_contrast(plain):
 
 
 def test_multifocal_tumors_have_their_foci(plain):
-  s = _render(_plain(foci_probs=(0.0, 0.0, 1.0), tumor_ml=(40.0, 40.0)))
+  s = _render(_quiet(foci_probs=(0.0, 0.0, 1.0), tumor_ml=(40.0, 40.0)))
   assert len(s.info['foci']) == 3 and set(np.unique(s.label)) <= {0, 1, 2, 4}
   idx = np.indices(s.label.shape).reshape(3, -1)
   world = (s.affine[:3, :3] @ idx + s.affine[:3, 3:4]).T.reshape(s.label.shape + (3,))
@@ -464,3 +469,14 @@ def test_heldout_cohort_from_the_command_line(tmp_path):
   assert train.info['acquisition']['orientation'] != entry['acquisition']['orientation']
   [normal] = summary['normal_cases']
   assert normal['profile'] == 'heldout' and (tmp_path / normal['path']).exists()
+
+
+def test_plain_profile_keeps_the_nominal_brats_grid():
+  s = synthetic.make_tumor_subject(synthetic.subject_rng(SEED, 'tumor', 0, 'plain'), RENDER_MM,
+                                   'plain')
+  grid = synthetic.brats_grid(RENDER_MM)
+  assert s.label.shape == grid.shape
+  np.testing.assert_allclose(s.affine, grid.affine, atol=1e-9)
+  acq = s.info['acquisition']
+  assert len(s.info['foci']) == 1 and acq['rim_mm'] == 0 and acq['cut_mm'] == 0
+  assert not any(acq['slice_thickness_mm'].values()) and acq['blur_reach_mm'] == 0
