@@ -60,8 +60,9 @@ def make_config(method: str, dtype: str, quick: bool):
 
 def write_patient(folder: Path, index: int, spacing: float = 1.0):
   """A synthetic BraTS-like patient on disk (no label: a new patient); its Case and shape."""
-  subject = synthetic.make_tumor_subject(synthetic.subject_rng(1000 + index, 'tumor', index),
-                                         spacing=spacing)
+  subject = synthetic.make_tumor_subject(synthetic.subject_rng(1000 + index, 'tumor', index,
+                                                               'plain'),
+                                         spacing=spacing, profile='plain')
   case_id = synthetic.tumor_case_id(index)
   path = synthetic.write_tumor_subject(subject, case_id, folder)
   images = {m: ImageRef(path / f'{case_id}_{m}.nii.gz') for m in synthetic.MODALITIES}

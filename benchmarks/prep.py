@@ -37,7 +37,8 @@ RESULTS = Path(__file__).parent / 'results' / 'prep.json'
 
 def make_case(folder: Path, seed: int = 0):
   """One 1 mm synthetic tumor case on disk; returns (Case, the generator's tumor centre)."""
-  subject = synthetic.make_tumor_subject(synthetic.subject_rng(seed, 'tumor', 0), spacing=1.0)
+  subject = synthetic.make_tumor_subject(synthetic.subject_rng(seed, 'tumor', 0, 'plain'),
+                                         spacing=1.0, profile='plain')
   case_id = synthetic.tumor_case_id(0)
   path = synthetic.write_tumor_subject(subject, case_id, folder)
   images = {m: ImageRef(path / f'{case_id}_{m}.nii.gz') for m in synthetic.MODALITIES}

@@ -38,7 +38,8 @@ def resolve_data_roots(config, wd: Workdir):
   done = wd.synthetic / 'cohort.json'
   if not done.exists():
     logging.info('generating the synthetic cohort into %s', wd.synthetic)
-    synthetic.generate_cohort(wd.synthetic, s.tumor_cases, s.normal_cases, s.seed, s.spacing)
+    synthetic.generate_cohort(wd.synthetic, s.tumor_cases, s.normal_cases, s.seed, s.spacing,
+                              profile=s.get('profile', 'train'))
   return wd.synthetic / 'BraTS', wd.synthetic / 'IXI'
 
 

@@ -84,6 +84,18 @@ def get_config():
   a.gamma_range = (0.7, 1.5)
   a.noise_prob = 0.15
   a.noise_std = 0.05
+  # data_prep/augment.py (numpy): the intensity transforms above, and these, fire per modality
+  # (the same draw for its 2K+1 slices) and only on each slice's foreground.
+  a.per_modality = True      # False: one intensity draw for every modality (the TF pipeline).
+  a.bias_prob = 0.3          # smooth multiplicative bias field (cubic polynomial in-plane) ...
+  a.bias_strength = 0.3      # ... with max |log field| drawn in [0, this].
+  a.blur_prob = 0.15         # in-plane Gaussian blur ...
+  a.blur_sigma = (0.5, 1.5)  # ... of this many pixels.
+  a.lowres_prob = 0.15       # simulated low resolution: in-plane down-sampling ...
+  a.lowres_factor = (1.0, 2.0)   # ... by this factor and back.
+  a.slab_prob = 0.15         # thick slices: blur across the 2K+1 slices ...
+  a.slab_sigma = (0.5, 1.5)  # ... of this many slices.
+  a.normal_intensity = False # the pseudo-normal gets only the spatial transforms (augment.py).
 
   # --- Networks (SPEC §3-§5) ------------------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
@@ -179,6 +191,16 @@ def get_config():
   e.tta = False              # mirroring test-time augmentation.
   e.threshold = 0.5          # on the native-space foreground probability (after linear resampling).
   e.wt_label = 1             # label value of whole tumor in the written predictions (BraTS style).
+
+  # clfc_jax/postprocess.py: prediction hygiene after the threshold, in native space.
+  c.postprocess = pp = ml_collections.ConfigDict()
+  pp.brain_mask = True       # no tumor outside the brain mask.
+  pp.min_volume_ml = 0.0     # connected components below this are removed (0 = off); set it
+                             # with postprocess.choose_min_volume on validation patients.
+  pp.min_volume_candidates = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+  pp.min_gain = 0.0          # mean-Dice gain a candidate needs over no removal.
+  pp.connectivity = 26       # neighbours that join voxels into a component: 6 | 18 | 26.
+  pp.keep_largest = True     # the largest component is kept whatever its volume.
 
   c.report = r = ml_collections.ConfigDict()
   r.figures = True           # Figs. 2-4, pseudo-normal examples, training curves (report/figures/).

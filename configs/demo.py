@@ -15,7 +15,10 @@ def get_config(method='clfc'):
   s.tumor_cases = 20
   s.normal_cases = 10
   s.seed = 0
-  s.spacing = 2.0            # mm; the generator's output voxel size.
+  s.spacing = 2.0            # mm; the generator's nominal voxel size.
+  # data_prep.synthetic.PROFILES: 'train' (the default every demo model learns from) or
+  # 'heldout' (an independent test cohort: other grids, scanners and smaller, multi-focal tumors).
+  s.profile = 'train'
   c.prep.spacing = 2.0
   c.prep.crop_hw = (96, 80)
   c.prep.reg.shrink_factors = (2, 1)

@@ -32,7 +32,8 @@ def cohort(tmp_path_factory):
   root = tmp_path_factory.mktemp('evaluate')
   config = _config()
   wd = Workdir(root / 'work')
-  synthetic.generate_cohort(root / 'syn', 2, 0, seed=3, spacing=2.0, progress=False)
+  synthetic.generate_cohort(root / 'syn', 2, 0, seed=3, spacing=2.0, progress=False,
+                            profile='plain')   # the test's native grid: 2 mm isotropic
   for case in readers.find_cases(config, root / 'syn' / 'BraTS'):
     prepare.prepare_case(case, config, wd.prep_cases)
   split = folds.prepared_split(wd.prep, config, 0)

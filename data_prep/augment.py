@@ -1,0 +1,252 @@
+"""Augmentation of one 2.5D training example, in numpy / scipy (no TensorFlow, no JAX).
+
+Why: a model trained on one generator or one scanner meets others (grids, gains, contrast,
+bias, blur, thick slices, noise). Each example gets, from its own numpy Generator (so a
+(seed, example index) pair always gives the same result, whatever reads the data):
+
+* spatial (SPEC §7), one draw for the whole example: mirroring per in-plane axis, a small
+  rotation and scaling about the centre; applied identically to every channel of `image`,
+  to `normal`, to `label` (nearest) and to `brain` (nearest). Pixels brought in from outside
+  take each channel's background (its corner value: 0 for the matched images, -1 for the
+  pseudo-normal), label 0 and brain False.
+* intensity, per modality (`per_modality`; else one draw for all, the TF pipeline's way), each
+  with its own probability and the same parameters for all 2K+1 slices of that modality:
+  in-plane blur, simulated low resolution, blur across the 2K+1 slices (thick slices), a
+  smooth multiplicative bias field, Gaussian noise, contrast (scale and shift) and gamma.
+  They act on each slice's foreground (pixels that differ from its background) only: the
+  prepared images are 0 outside the brain at test time too.
+
+The pseudo-normal stack gets the spatial transforms only (`normal_intensity` False). It is the
+frozen IntroVAE's reconstruction in its own learned normal appearance, recomputed from each
+test T1, so a scanner's gain, bias or blur does not pass into it one to one. Leaving it
+untouched while the T1 changes teaches the CLFC comparison that scanner differences between
+T1 and pseudo-normal are not tumor. `normal_intensity` True applies the normal modality's
+intensity draws to it as well (the TF pipeline's behaviour).
+
+Every random number is drawn whether or not its transform fires, in a fixed order, so turning
+one transform on or off leaves the others' parameters as they were (and tests can isolate one).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy import ndimage as ndi
+
+_BIAS_ORDER = 3   # degree of the bias field's polynomial (in-plane, image-centred).
+
+
+def example_rng(seed: int, index: int) -> np.random.Generator:
+  """The Generator of one example: a pure function of (seed, example index)."""
+  return np.random.default_rng([int(seed), int(index)])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModalityDraw:
+  """Intensity parameters of one modality (a transform is off when its flag is False)."""
+  blur: bool
+  blur_sigma: float           # pixels, in-plane
+  lowres: bool
+  lowres_factor: float        # down-sampling factor in-plane
+  slab: bool
+  slab_sigma: float           # slices, across the 2K+1 slices
+  bias: bool
+  bias_coefficients: tuple    # polynomial log-field, scaled so max |log field| = bias_amplitude
+  bias_amplitude: float
+  noise: bool
+  contrast: bool
+  scale: float
+  shift: float
+  gamma: bool
+  gamma_value: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+  """Every random choice of one example."""
+  flips: tuple                # (flip axis 0, flip axis 1)
+  angle_deg: float            # 0 when rotation does not fire
+  zoom: float                 # 1 when scaling does not fire; > 1 enlarges
+  modalities: tuple           # ModalityDraw per modality
+  noise_seed: int
+
+  @property
+  def warps(self) -> bool:
+    return self.angle_deg != 0.0 or self.zoom != 1.0
+
+
+def _n_bias_terms():
+  return (_BIAS_ORDER + 1) * (_BIAS_ORDER + 2) // 2
+
+
+def _draw_modality(rng, aug) -> ModalityDraw:
+  u = rng.uniform(size=7)
+  return ModalityDraw(
+      blur=bool(u[0] < aug.blur_prob), blur_sigma=float(rng.uniform(*aug.blur_sigma)),
+      lowres=bool(u[1] < aug.lowres_prob), lowres_factor=float(rng.uniform(*aug.lowres_factor)),
+      slab=bool(u[2] < aug.slab_prob), slab_sigma=float(rng.uniform(*aug.slab_sigma)),
+      bias=bool(u[3] < aug.bias_prob),
+      bias_coefficients=tuple(rng.uniform(-1.0, 1.0, _n_bias_terms()).tolist()),
+      bias_amplitude=float(rng.uniform(0.0, aug.bias_strength)),
+      noise=bool(u[4] < aug.noise_prob),
+      contrast=bool(u[5] < aug.intensity_prob),
+      scale=float(rng.uniform(1.0 - aug.intensity_scale, 1.0 + aug.intensity_scale)),
+      shift=float(rng.uniform(-aug.intensity_shift, aug.intensity_shift)),
+      gamma=bool(u[6] < aug.gamma_prob), gamma_value=float(rng.uniform(*aug.gamma_range)))
+
+
+def draw(rng: np.random.Generator, aug, n_modalities: int) -> Draw:
+  """All random parameters of one example, in a fixed order (see the module docstring)."""
+  u = rng.uniform(size=4)
+  flips = (bool(u[0] < aug.flip_prob), bool(u[1] < aug.flip_prob))
+  angle = float(rng.uniform(-aug.rotate_deg, aug.rotate_deg))
+  zoom = float(rng.uniform(*aug.scale_range))
+  per = [_draw_modality(rng, aug) for _ in range(n_modalities)]
+  if not aug.per_modality:
+    per = [per[0]] * n_modalities
+  return Draw(flips=flips, angle_deg=angle if u[2] < aug.rotate_prob else 0.0,
+              zoom=zoom if u[3] < aug.scale_prob else 1.0, modalities=tuple(per),
+              noise_seed=int(rng.integers(2 ** 63)))
+
+
+# --- spatial -----------------------------------------------------------------------------------
+
+def _source_coords(shape, angle_deg, zoom):
+  """Input (row, col) of every output pixel: rotation by angle and zoom about the centre."""
+  h, w = shape
+  a = np.deg2rad(angle_deg)
+  inv = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]]) / zoom
+  centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
+  rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
+                           indexing='ij')
+  out = np.stack([rows - centre[0], cols - centre[1]])
+  return np.tensordot(inv, out, axes=1) + centre[:, None, None]
+
+
+def _warp_dense(x, coords):
+  """Bilinear warp of every channel of x [H, W, C]; outside pixels take the channel's corner."""
+  out = np.empty_like(x)
+  for c in range(x.shape[2]):
+    ndi.map_coordinates(x[..., c], coords, output=out[..., c], order=1, mode='constant',
+                        cval=float(x[0, 0, c]), prefilter=False)
+  return out
+
+
+def _warp_nearest(x, coords, fill):
+  return ndi.map_coordinates(x, coords, order=0, mode='constant', cval=fill, prefilter=False)
+
+
+def spatial(example: dict, d: Draw) -> dict:
+  """Mirroring, then rotation / scaling, identically on image, normal, label and brain."""
+  out = dict(example)
+  dense = [k for k in ('image', 'normal') if k in example]
+  for axis, flip in enumerate(d.flips):
+    if flip:
+      for k in dense + ['label', 'brain']:
+        out[k] = np.flip(out[k], axis)
+  if d.warps:
+    coords = _source_coords(out['label'].shape, d.angle_deg, d.zoom)
+    for k in dense:
+      out[k] = _warp_dense(np.ascontiguousarray(out[k]), coords)
+    out['label'] = _warp_nearest(np.ascontiguousarray(out['label']), coords, 0)
+    out['brain'] = _warp_nearest(out['brain'].astype(np.uint8), coords, 0).astype(bool)
+  for k in dense + ['label', 'brain']:
+    out[k] = np.ascontiguousarray(out[k])
+  return out
+
+
+# --- intensity ---------------------------------------------------------------------------------
+
+def _bias_field(shape, coefficients, amplitude):
+  """exp(polynomial in centred, unit-range coordinates), its log scaled to max |.| = amplitude."""
+  h, w = shape
+  y = np.linspace(-1.0, 1.0, h)[:, None]
+  x = np.linspace(-1.0, 1.0, w)[None, :]
+  log = np.zeros(shape)
+  k = 0
+  for i in range(_BIAS_ORDER + 1):
+    for j in range(_BIAS_ORDER + 1 - i):
+      log = log + coefficients[k] * y ** i * x ** j
+      k += 1
+  log -= log.mean()
+  peak = np.abs(log).max()
+  if peak > 0:
+    log *= amplitude / peak
+  return np.exp(log).astype(np.float32)
+
+
+def _lowres(x, factor):
+  """x [H, W, S] as if acquired with pixels `factor` times larger (anti-alias blur, linear
+  down-sampling), brought back to its own grid (linear)."""
+  h, w = x.shape[:2]
+  small = ndi.gaussian_filter(x, (0.5 * factor, 0.5 * factor, 0), mode='nearest')
+  small = ndi.zoom(small, (1 / factor, 1 / factor, 1), order=1, mode='nearest', grid_mode=True)
+  return ndi.zoom(small, (h / small.shape[0], w / small.shape[1], 1), order=1, mode='nearest',
+                  grid_mode=True)
+
+
+def intensity(x, fg, m: ModalityDraw, noise_rng, noise_std) -> np.ndarray:
+  """One modality's stack x [H, W, S] (float32), transformed on its foreground `fg` [H, W, S]."""
+  y = x
+  if m.blur:
+    y = ndi.gaussian_filter(y, (m.blur_sigma, m.blur_sigma, 0), mode='nearest')
+  if m.lowres:
+    y = _lowres(y, m.lowres_factor)
+  if m.slab and y.shape[2] > 1:
+    y = ndi.gaussian_filter1d(y, m.slab_sigma, axis=2, mode='nearest')
+  if m.bias:
+    y = y * _bias_field(y.shape[:2], m.bias_coefficients, m.bias_amplitude)[..., None]
+  if m.noise:
+    y = y + noise_rng.normal(0.0, noise_std, y.shape).astype(np.float32)
+  if m.contrast:
+    y = y * np.float32(m.scale) + np.float32(m.shift)
+  if m.gamma and fg.any():
+    # On the modality's own foreground range, the same for its 2K+1 slices.
+    lo, hi = y[fg].min(), y[fg].max()
+    span = max(float(hi - lo), 1e-6)
+    y = lo + span * np.power(np.clip((y - lo) / span, 0.0, 1.0), m.gamma_value)
+  if y is x:
+    return x
+  return np.where(fg, y, x).astype(np.float32)
+
+
+def _apply_intensity(stack, n_groups, draws, noise_rng, noise_std):
+  """stack [H, W, n_groups * S]: group g (a modality's S slices) gets draws[g]."""
+  s = stack.shape[2] // n_groups
+  background = stack[:1, :1, :]
+  fg = stack != background
+  out = stack.copy()
+  for g, m in enumerate(draws):
+    sl = slice(g * s, (g + 1) * s)
+    out[..., sl] = intensity(stack[..., sl], fg[..., sl], m, noise_rng, noise_std)
+  return out
+
+
+def augment_example(example: dict, rng: np.random.Generator, aug, k: int,
+                    normal_index: int = 0, return_draw: bool = False):
+  """One augmented example (a new dict; other keys pass through untouched).
+
+  example: 'image' float32 [H, W, M(2K+1)] modality-major, optional 'normal' float32
+  [H, W, 2K+1], 'label' int [H, W], 'brain' bool [H, W]. aug: config.data.augment.
+  normal_index: the modality whose intensity draws the pseudo-normal shares when
+  aug.normal_intensity. Identity (the same arrays) when aug.enabled is False.
+  """
+  s = 2 * int(k) + 1
+  image = example['image']
+  if image.ndim != 3 or image.shape[2] % s:
+    raise ValueError(f"augment: image shape {image.shape} is not [H, W, M*(2K+1)] for K={k}")
+  n_modalities = image.shape[2] // s
+  if 'normal' in example and example['normal'].shape[2] != s:
+    raise ValueError(f"augment: normal shape {example['normal'].shape} is not [H, W, {s}]")
+  if not aug.enabled:
+    return (dict(example), None) if return_draw else dict(example)
+  d = draw(rng, aug, n_modalities)
+  out = spatial(example, d)
+  noise_rng = np.random.default_rng(d.noise_seed)
+  out['image'] = _apply_intensity(np.asarray(out['image'], np.float32), n_modalities,
+                                  d.modalities, noise_rng, aug.noise_std)
+  if 'normal' in out and aug.normal_intensity:
+    out['normal'] = _apply_intensity(np.asarray(out['normal'], np.float32), 1,
+                                     (d.modalities[normal_index],), noise_rng, aug.noise_std)
+  out['label'] = out['label'].astype(example['label'].dtype, copy=False)
+  return (out, d) if return_draw else out
