@@ -143,7 +143,7 @@ def run(args, config=None) -> dict:
                  'crop_hw': list(config.prep.crop_hw), 'k': config.data.k,
                  'width': config.model.width, 'introvae_channels': list(config.introvae.channels),
                  'eval_batch': models.eval_batch, 'tta': config.eval.tta,
-                 'recon_batch': config.introvae.recon_batch_size if models.introvae else None},
+                 'recon_batch': config.introvae.recon_batch_size if models.introvaes else None},
       'weights': 'Freshly initialised weights (speed does not depend on their values).',
       'path': 'clfc_jax.segment.load_models once, then segment_case per patient (NIfTI in, '
               'NIfTI out)',

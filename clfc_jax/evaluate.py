@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clfc_jax import metrics as metrics_lib
+from clfc_jax import postprocess
 from clfc_jax import predict
 from clfc_jax import sharding as sharding_lib
 from clfc_jax import stats
@@ -35,6 +36,7 @@ from data_prep import inputs, normalize, register, store
 from data_prep.case import CaseError
 
 PREDICTION_SUFFIX = '_seg.nii.gz'
+POSTPROCESS_NAME = 'postprocess.json'   # the fold's component-removal choice (validation)
 
 
 # --- native space ------------------------------------------------------------------------------
@@ -62,14 +64,41 @@ def native_spacing(img) -> tuple:
   return tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
-def score_case(prob_mni: np.ndarray, prepared_meta: Mapping, config):
+def affine_spacing(affine) -> tuple:
+  """Voxel size in mm along the array axes of a 4x4 voxel-to-world affine (column norms)."""
+  return tuple(float(x) for x in np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0))
+
+
+def native_mask(prob_mni: np.ndarray, prepared_meta: Mapping, config, *, brain=None,
+                min_volume_ml: float = 0.0):
+  """(bool tumor mask, probability) on the native file's grid, from the MNI-space probability.
+
+  Prediction hygiene (clfc_jax.postprocess, config.postprocess): the probability is zeroed
+  outside the prepared brain mask `brain` (MNI space, when given and postprocess.brain_mask),
+  resampled linearly onto the native grid, thresholded at config.eval.threshold, and its
+  connected components below `min_volume_ml` (chosen on validation patients) are removed.
+  """
+  prob = np.asarray(prob_mni, np.float32)
+  if brain is not None and config.postprocess.brain_mask:
+    prob = postprocess.restrict_to_brain(prob, brain)
+  native_prob = register.to_native(prob, prepared_meta, 'linear')
+  mask = native_prob > float(config.eval.threshold)
+  pp = config.postprocess
+  mask = postprocess.remove_small_components(
+      mask, affine_spacing(prepared_meta['native_affine']), min_volume_ml, pp.connectivity,
+      pp.keep_largest)
+  return mask, native_prob
+
+
+def score_case(prob_mni: np.ndarray, prepared_meta: Mapping, config, *, brain=None,
+               min_volume_ml: float = 0.0):
   """(metrics dict, native prediction uint8) of one patient, scored against its label file.
 
-  The probability [Z, H, W] (crop or whole MNI grid) is resampled linearly onto the native grid
-  and thresholded at config.eval.threshold; WT voxels carry config.eval.wt_label.
+  The probability [Z, H, W] (crop or whole MNI grid) becomes a native-space mask (native_mask);
+  WT voxels carry config.eval.wt_label.
   """
-  native_prob = register.to_native(np.asarray(prob_mni, np.float32), prepared_meta, 'linear')
-  foreground = native_prob > float(config.eval.threshold)
+  foreground, _ = native_mask(prob_mni, prepared_meta, config, brain=brain,
+                              min_volume_ml=min_volume_ml)
   truth, img = load_native_label(prepared_meta)
   scores = metrics_lib.case_metrics(foreground, truth, native_spacing(img))
   native_pred = np.where(foreground, int(config.eval.wt_label), 0).astype(np.uint8)
@@ -128,6 +157,37 @@ def _read_done(csv_path, method, test_ids) -> list:
   return rows
 
 
+def _read_json(path):
+  try:
+    return json.loads(Path(path).read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def choose_postprocessing(config, val_ids, case_prob) -> dict:
+  """The smallest-component volume to remove (postprocess.choose_min_volume), chosen on the
+  fold's VALIDATION patients (never its test patients), nnU-Net style; config's own
+  min_volume_ml when there is no validation patient. case_prob(id) -> (prepared case, MNI prob)."""
+  pp = config.postprocess
+  if not val_ids:
+    return {'min_volume_ml': float(pp.min_volume_ml), 'chosen_on': []}
+  masks, truths, spacings = [], [], []
+  for case_id in val_ids:
+    pc, prob = case_prob(case_id)
+    mask, _ = native_mask(prob, pc.meta, config, brain=pc.brain)
+    truth, img = load_native_label(pc.meta)
+    masks.append(mask)
+    truths.append(truth)
+    spacings.append(native_spacing(img))
+  choice = postprocess.choose_min_volume(masks, truths, spacings, pp)
+  choice['chosen_on'] = list(val_ids)
+  logging.info('%s: postprocessing chosen on %d validation patients: remove components below '
+               '%.3g ml (mean Dice %.4f, without removal %.4f)', config.method, len(val_ids),
+               choice['min_volume_ml'], choice['mean_dice'][choice['min_volume_ml']],
+               choice['baseline_dice'])
+  return choice
+
+
 def _write_rows(csv_path, rows) -> None:
   with store.atomic_write(csv_path) as tmp:
     stats.write_per_patient(tmp, rows)
@@ -155,8 +215,8 @@ def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
   rows = _read_done(csv_path, method, set(test_ids))
   todo = [i for i in test_ids if i not in {r['patient'] for r in rows}]
 
-  seconds = {'predict': 0.0, 'score': 0.0, 'inputs': 0.0, 'save': 0.0}
-  step = None
+  seconds = {'predict': 0.0, 'score': 0.0, 'save': 0.0}
+  step, choice = None, _read_json(out_dir / POSTPROCESS_NAME)
   if todo:
     refs = fold_references(wd, fold, config.dataset.modalities, split)
     mesh = sharding_lib.make_mesh(jax.local_devices())
@@ -164,18 +224,26 @@ def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
     variables, step = predict.load_segmenter(config, wd.run_dir(method, fold), mesh)
     batch_size = predict.round_batch(config.eval.batch_size, mesh)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+    def case_prob(case_id):
+      pc = store.load_prepared(wd.prep_cases, case_id)
+      pseudo = (inputs.load_pseudo_normal(wd.pseudo_normal_file(case_id, wd.introvae_key(fold)),
+                                          pc.brain.shape)
+                if config.model.use_normal_net else None)
+      return pc, predict.predict_volume(fns, variables, inputs.case_inputs(pc, refs, config,
+                                                                           pseudo),
+                                        batch_size, mesh)
+
+    if choice is None:
+      choice = choose_postprocessing(config, split['val'], case_prob)
+      store.write_text(out_dir / POSTPROCESS_NAME, json.dumps(choice, indent=1))
     for case_id in tqdm(todo, desc=f'evaluate {method} fold {fold}', unit='patient'):
       tick = time.perf_counter()
-      pc = store.load_prepared(wd.prep_cases, case_id)
-      pseudo = (inputs.load_pseudo_normal(wd.pseudo_normal_file(case_id), pc.brain.shape)
-                if config.model.use_normal_net else None)
-      case_inputs = inputs.case_inputs(pc, refs, config, pseudo)
-      seconds['inputs'] += time.perf_counter() - tick
-      tick = time.perf_counter()
-      prob = predict.predict_volume(fns, variables, case_inputs, batch_size, mesh)
+      pc, prob = case_prob(case_id)
       seconds['predict'] += time.perf_counter() - tick
       tick = time.perf_counter()
-      scores, native_pred = score_case(prob, pc.meta, config)
+      scores, native_pred = score_case(prob, pc.meta, config, brain=pc.brain,
+                                       min_volume_ml=choice['min_volume_ml'])
       seconds['score'] += time.perf_counter() - tick
       tick = time.perf_counter()
       if save_predictions:
@@ -189,7 +257,8 @@ def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
     raise CaseError(wd.prep, f'fold {fold} has no test patients')
 
   summary = {'method': method, 'fold': int(fold), 'n': len(rows), 'checkpoint_step': step,
-             'evaluated_now': len(todo), 'per_patient_csv': str(csv_path)}
+             'evaluated_now': len(todo), 'per_patient_csv': str(csv_path),
+             'postprocess': choice}
   summary.update({m: float(np.mean([r[m] for r in rows])) for m in stats.METRICS})
   if todo:
     summary['seconds_per_patient'] = {k: round(v / len(todo), 3) for k, v in seconds.items()}

@@ -128,13 +128,14 @@ def predict_volume(fns: SegmenterFns, variables, inputs: Mapping[str, np.ndarray
 
 # --- the IntroVAE --------------------------------------------------------------------------------
 
-def load_introvae(config, wd, mesh):
-  """{'enc', 'dec'}: the frozen IntroVAE's parameters, replicated over `mesh`.
+def load_introvae(config, introvae_dir, mesh):
+  """{'enc', 'dec'}: the frozen IntroVAE's parameters (Workdir.introvae_dir), replicated over
+  `mesh`.
 
   Restored over the global mesh (every process takes part, as orbax expects), then copied from
   the host onto `mesh` (which may hold only this process's devices).
   """
-  state = introvae_trainer.restore_introvae(config, wd)
+  state = introvae_trainer.restore_introvae(config, introvae_dir)
   enc, dec = jax.device_get((state.enc_params, state.dec_params))
   return jax.device_put({'enc': enc, 'dec': dec}, sharding_lib.replicated(mesh))
 

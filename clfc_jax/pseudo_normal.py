@@ -1,10 +1,11 @@
 """The pseudo_normal stage: the frozen IntroVAE reconstructs every tumor case's T1 as a
 normal-looking T1, once (SPEC §1, §6), and we measure how faithful that is.
 
-`make_pseudo_normals` writes WORKDIR/pseudo_normal/<id>.npz ('t1' float16 [Z,H,W] in [-1, 1],
--1 outside the brain), fidelity.json / fidelity.md, and the tumor shards with pseudo-normal
-stacks for every fold to run (`build_tumor_shards`). Volumes already on disk are not
-recomputed, so a rerun resumes.
+`make_pseudo_normals` writes, for one IntroVAE (the normal cohort's, or fold k's own without one:
+Workdir.introvae_key), wd.pseudo_normal_dir(key)/<id>.npz ('t1' float16 [Z,H,W] in [-1, 1],
+-1 outside the brain) and fidelity.json / fidelity.md there; `build_tumor_shards` writes the
+tumor shards with pseudo-normal stacks, each fold's from its own IntroVAE. Volumes already on
+disk are not recomputed, so a rerun resumes.
 """
 from __future__ import annotations
 
@@ -37,32 +38,34 @@ def _pseudo_normal_ok(path: Path) -> bool:
     return False
 
 
-def make_pseudo_normals(config, wd, *, build_shards: bool = True,
+def make_pseudo_normals(config, wd, key: Optional[int] = None, *, build_shards: bool = True,
                         folds: Optional[Sequence[int]] = None) -> dict:
-  """Pseudo-normal T1 of every prepared tumor case, a fidelity report, and the shards.
+  """Pseudo-normal T1 of every prepared tumor case by IntroVAE `key`, a fidelity report, and the
+  shards of the folds that use it.
 
   Each case's T1 (dataset.normal_modality) is matched to the IntroVAE's normal reference and
   scaled to [-1, 1] exactly like the training slices; every axial slice is reconstructed from
   μ. Files already on disk are kept (resumable); writes are atomic. With build_shards, the
-  tumor shards with pseudo-normal stacks are built for `folds` (default: the folds to run).
+  tumor shards with pseudo-normal stacks are built for those of `folds` (default: the folds to
+  run) whose IntroVAE is `key`.
   Returns {cases, written, skipped, seconds_reconstruct, seconds_per_case, fidelity (means),
   shards ({fold: {split: examples}}), seconds}.
   """
   start_time = time.time()
-  out_dir = Path(wd.pseudo_normal)
+  out_dir = wd.pseudo_normal_dir(key)
   out_dir.mkdir(parents=True, exist_ok=True)
   ids = store.prepared_ids(wd.prep_cases)
   if not ids:
     raise FileNotFoundError(f'{wd.prep_cases}: no prepared tumor cases (run the prep stage)')
   # Every process reconstructs its own share of the cases on its local devices.
   mesh = sharding_lib.make_mesh(jax.local_devices())
-  landmarks = normalize.normal_t1_reference(wd.prep, config, workdir_lib.normal_fold(config))
-  params = predict.load_introvae(config, wd, mesh)
+  landmarks = normalize.normal_t1_reference(wd.prep, config, key)
+  params = predict.load_introvae(config, wd.introvae_dir(key), mesh)
   modality = config.dataset.normal_modality
   mine = ids[jax.process_index()::jax.process_count()]
   written, skipped, recon_seconds = [], [], 0.0
   for case_id in tqdm(mine, desc='pseudo-normal', disable=jax.process_index() != 0):
-    path = wd.pseudo_normal_file(case_id)
+    path = wd.pseudo_normal_file(case_id, key)
     if path.exists() and _pseudo_normal_ok(path):
       skipped.append(case_id)
       continue
@@ -88,11 +91,12 @@ def make_pseudo_normals(config, wd, *, build_shards: bool = True,
              'seconds_reconstruct': round(recon_seconds, 2),
              'seconds_per_case': round(recon_seconds / max(len(written), 1), 3)}
   if jax.process_index() == 0:
-    fidelity = fidelity_report(config, wd, landmarks)
+    fidelity = fidelity_report(config, wd, landmarks, key)
     summary['fidelity'] = fidelity['mean']
     if build_shards:
+      folds = workdir_lib.folds_to_run(config) if folds is None else folds
       summary['shards'] = build_tumor_shards(
-          config, wd, workdir_lib.folds_to_run(config) if folds is None else folds)
+          config, wd, [k for k in folds if wd.introvae_key(k) == key])
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('pseudo_normal: report and shards written')
   summary['seconds'] = round(time.time() - start_time, 2)
@@ -123,20 +127,21 @@ def case_fidelity(pseudo, tumor_unit, healthy_unit, brain, label) -> dict:
           'mae_normal_pseudo': mae(pseudo, normal), 'mae_normal_input': mae(tumor_unit, normal)}
 
 
-def fidelity_report(config, wd, landmarks) -> dict:
-  """WORKDIR/pseudo_normal/fidelity.{json,md} over the cases with a known healthy T1.
+def fidelity_report(config, wd, landmarks, key: Optional[int] = None) -> dict:
+  """fidelity.{json,md} of IntroVAE `key`'s pseudo-normals (wd.pseudo_normal_dir(key)) over the
+  cases with a known healthy T1.
 
   Each healthy T1 is matched and scaled exactly like the tumor T1. Returns the JSON record:
   {cases: [per case], mean: {field: mean over cases}, pseudo_closer_in_tumor: count, n}.
   """
-  out_dir = Path(wd.pseudo_normal)
+  out_dir = wd.pseudo_normal_dir(key)
   modality = config.dataset.normal_modality
   rows = []
   for case_id in store.prepared_ids(wd.prep_cases):
     with np.load(Path(wd.prep_cases) / f'{case_id}.npz') as z:
       if 'healthy_t1' not in z.files or 'label' not in z.files:
         continue
-    path = wd.pseudo_normal_file(case_id)
+    path = wd.pseudo_normal_file(case_id, key)
     if not path.exists():
       continue
     pc = store.load_prepared(wd.prep_cases, case_id)
@@ -182,13 +187,14 @@ def _fidelity_markdown(record) -> str:
 # --- shards ---------------------------------------------------------------------------------------
 
 def build_tumor_shards(config, wd, folds: Sequence[int]) -> dict:
-  """TFDS tumor shards with pseudo-normal stacks for each fold; {fold: {split: examples}}."""
+  """TFDS tumor shards with pseudo-normal stacks for each fold, made by that fold's IntroVAE;
+  {fold: {split: examples}}."""
   tfds_builders = optional.tfds_builders()
   out = {}
   for k in folds:
     builder = tfds_builders.build(tfds_builders.tumor_slices_builder(
         config, wd.tfds, int(k), with_pseudo_normal=True, prep_dir=wd.prep,
-        pseudo_normal_dir=wd.pseudo_normal))
+        pseudo_normal_dir=wd.pseudo_normal_dir(wd.introvae_key(k))))
     out[int(k)] = {name: split.num_examples for name, split in builder.info.splits.items()}
   logging.info('pseudo-normal tumor shards: %s', out)
   return out

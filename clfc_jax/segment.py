@@ -11,7 +11,8 @@ INPUT is one of
 Each patient goes through the training preprocessing (RAS+ reorientation, affine MNI152
 alignment, histogram matching with the references saved at training time), the IntroVAE
 pseudo-normal T1 and the segmentation model, and gets OUT/<id>_seg.nii.gz: whole tumor =
-config.eval.wt_label (BraTS: 1), on exactly the input file's grid (its shape, voxel order,
+config.eval.wt_label (BraTS: 1), inside the brain mask and without the small stray components
+that the evaluate stage chose to remove on validation patients, on exactly the input file's grid (its shape, voxel order,
 qform and sform; the first modality's file is the reference, for 4-D files its 3 spatial axes).
 
 Models come from WORKDIR: each fold's best checkpoint runs/<method>/fold<k>, rebuilt from the
@@ -24,6 +25,7 @@ mirrorings.
 Optional outputs, all on the input's grid like the mask (float32):
   --save-prob            <id>_prob.nii.gz           tumor probability (what the mask thresholds)
   --save-pseudo-normal   <id>_pseudo_normal.nii.gz  the IntroVAE's pseudo-normal T1, [0, 1]
+                         (the mean of the folds' own IntroVAEs in an ensemble without IXI)
   --save-attention       <id>_attention.nii.gz      4-D (x, y, z, 4): CLFC attention A_1..A_4,
                          decoder levels 1/8 .. full resolution, each bilinearly upsampled to
                          the slice and resampled like the probability (un-mirrored pass; the
@@ -105,6 +107,7 @@ class FoldModel:
   variables: Any                  # {'params', 'batch_stats'}, replicated
   refs: Mapping[str, np.ndarray]  # modality -> landmarks (prep/hist_refs_fold<k>.json)
   fns: predict.SegmenterFns       # compiled eval / attention functions
+  introvae_key: Optional[int]     # its IntroVAE: the normal cohort's (None) or the fold's own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +124,11 @@ class Models:
   config: Any                     # preprocessing, threshold, WT label (the first fold's config)
   method: str
   members: tuple                  # FoldModel per fold used (one, or every fold with --ensemble)
-  introvae: Optional[PseudoNormalNet]
+  introvaes: Mapping              # introvae key -> PseudoNormalNet (methods with a normal net)
   mesh: Any
   eval_batch: int
   workdir: Path
+  min_volume_ml: float = 0.0      # components below this are removed (postprocess, validation)
 
 
 def _pick_folds(config, wd: Workdir, method, fold, ensemble) -> tuple:
@@ -150,19 +154,27 @@ def _pick_folds(config, wd: Workdir, method, fold, ensemble) -> tuple:
   return [int(fold)], why
 
 
-def _normal_landmarks(wd: Workdir, config) -> np.ndarray:
-  """The IntroVAE's T1 reference, read (never fitted): the normal cohort's or its fold's."""
+def _normal_landmarks(wd: Workdir, config, key: Optional[int]) -> np.ndarray:
+  """IntroVAE `key`'s T1 reference, read (never fitted): the normal cohort's or its fold's."""
   modality = config.dataset.normal_modality
-  paths = (normalize.normal_reference_path(wd.prep),
-           normalize.normal_reference_path(wd.prep, workdir_lib.normal_fold(config)))
-  for path in paths:
+  path = normalize.normal_reference_path(wd.prep, key)
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: no IntroVAE T1 reference (prep stage)')
+  refs = normalize.load_references(path)
+  if modality not in refs:
+    raise ValueError(f'{path}: no reference for the normal modality {modality!r}')
+  return refs[modality]
+
+
+def _min_volume(wd: Workdir, method, folds, config) -> float:
+  """The component-removal volume the evaluate stage chose on each fold's validation patients
+  (the smallest over an ensemble's folds); config.postprocess.min_volume_ml where none did."""
+  chosen = []
+  for k in folds:
+    path = wd.eval_dir(method, k) / evaluate.POSTPROCESS_NAME
     if path.exists():
-      refs = normalize.load_references(path)
-      if modality not in refs:
-        raise ValueError(f'{path}: no reference for the normal modality {modality!r}')
-      return refs[modality]
-  raise FileNotFoundError(f'{paths[0]} (or {paths[1].name}): no IntroVAE T1 reference '
-                          '(prep stage)')
+      chosen.append(float(json.loads(path.read_text())['min_volume_ml']))
+  return min(chosen) if chosen else float(config.postprocess.min_volume_ml)
 
 
 def load_models(config=None, workdir=None, *, method: Optional[str] = None,
@@ -198,19 +210,21 @@ def load_models(config=None, workdir=None, *, method: Optional[str] = None,
     variables, step = predict.load_segmenter(cfg, run_dir, mesh)
     refs = evaluate.fold_references(wd, k, cfg.dataset.modalities)
     members.append(FoldModel(fold=k, config=cfg, step=step, variables=variables, refs=refs,
-                             fns=predict.segmenter_fns(cfg, mesh)))
+                             fns=predict.segmenter_fns(cfg, mesh),
+                             introvae_key=wd.introvae_key(k)))
     logging.info('segment: %s fold %d: checkpoint step %d of %s', method, k, step, run_dir)
-  introvae = None
-  if any(m.config.model.use_normal_net for m in members):
-    iv_path = wd.introvae / workdir_lib.CONFIG_NAME
+  introvaes = {}
+  for key in sorted({m.introvae_key for m in members if m.config.model.use_normal_net},
+                    key=lambda k: -1 if k is None else k):
+    iv_path = wd.introvae_dir(key) / workdir_lib.CONFIG_NAME
     iv_config = base if override or not iv_path.exists() else workdir_lib.read_config(iv_path)
-    introvae = PseudoNormalNet(config=iv_config,
-                               params=predict.load_introvae(iv_config, wd, mesh),
-                               landmarks=_normal_landmarks(wd, base))
+    introvaes[key] = PseudoNormalNet(
+        config=iv_config, params=predict.load_introvae(iv_config, wd.introvae_dir(key), mesh),
+        landmarks=_normal_landmarks(wd, base, key))
   config = members[0].config
-  return Models(config=config, method=method, members=tuple(members), introvae=introvae,
+  return Models(config=config, method=method, members=tuple(members), introvaes=introvaes,
                 mesh=mesh, eval_batch=predict.round_batch(config.eval.batch_size, mesh),
-                workdir=wd.root)
+                workdir=wd.root, min_volume_ml=_min_volume(wd, method, folds, config))
 
 
 # --- one patient -----------------------------------------------------------------------------
@@ -248,7 +262,7 @@ def check_options(models: Models, *, save_attention=False, save_pseudo_normal=Fa
   del unused
   if save_attention and any(m.fns.attention is None for m in models.members):
     raise ValueError(f'method {models.method!r} has no CLFC attention maps to save')
-  if save_pseudo_normal and models.introvae is None:
+  if save_pseudo_normal and not models.introvaes:
     raise ValueError(f'method {models.method!r} uses no pseudo-normal T1')
 
 
@@ -284,30 +298,30 @@ def segment_case(models: Models, case: Case, out_dir, *, save_prob: bool = False
 
   tick = time.perf_counter()
   pc = prepare.prepare_loaded(loaded, config)
-  pn = models.introvae
-  unit = None
-  if pn is not None:
-    modality = config.dataset.normal_modality
+  seconds['preprocess'] = time.perf_counter() - tick
+
+  pseudos = {}   # introvae key -> this patient's pseudo-normal T1 (one per IntroVAE used)
+  modality = config.dataset.normal_modality
+  for key, pn in models.introvaes.items():
+    tick = time.perf_counter()
     try:
       unit = inputs.unit_t1(pc.modality(modality), pc.brain, pn.landmarks, config)
     except ValueError as e:
       raise CaseError(case.images[modality].path, f'{modality}: {e}') from None
-  seconds['preprocess'] = time.perf_counter() - tick
-
-  pseudo = None
-  if pn is not None:
+    seconds['preprocess'] += time.perf_counter() - tick
     tick = time.perf_counter()
-    pseudo = predict.reconstruct_volume(pn.config, pn.params, unit, pc.brain, models.mesh)
-    if not np.all(np.isfinite(pseudo)):
-      raise CaseError(case.images[config.dataset.normal_modality].path,
+    pseudos[key] = predict.reconstruct_volume(pn.config, pn.params, unit, pc.brain, models.mesh)
+    if not np.all(np.isfinite(pseudos[key])):
+      raise CaseError(case.images[modality].path,
                       'the IntroVAE reconstruction is not finite (diverged model?)')
-    seconds['introvae'] = time.perf_counter() - tick
+    seconds['introvae'] += time.perf_counter() - tick
 
   prob, attention = 0.0, 0.0
   for member in models.members:
     tick = time.perf_counter()
     try:
-      case_inputs = inputs.case_inputs(pc, member.refs, member.config, pseudo)
+      case_inputs = inputs.case_inputs(pc, member.refs, member.config,
+                                       pseudos.get(member.introvae_key))
     except CaseError as e:   # named by case id there: name a file here.
       raise CaseError(next(iter(case.images.values())).path, e.problem) from None
     seconds['preprocess'] += time.perf_counter() - tick
@@ -321,12 +335,14 @@ def segment_case(models: Models, case: Case, out_dir, *, save_prob: bool = False
   prob = prob / len(models.members)
 
   tick = time.perf_counter()
-  native_prob = register.to_native(prob, pc.meta, 'linear')
-  mask = np.where(native_prob > float(config.eval.threshold), int(config.eval.wt_label), 0)
+  mask, native_prob = evaluate.native_mask(prob, pc.meta, config, brain=pc.brain,
+                                           min_volume_ml=models.min_volume_ml)
+  mask = np.where(mask, int(config.eval.wt_label), 0)
   images = {paths['seg']: _like_input(mask, reference, np.uint8)}
   if save_prob:
     images[paths['prob']] = _like_input(np.clip(native_prob, 0.0, 1.0), reference, np.float32)
-  if save_pseudo_normal:
+  if save_pseudo_normal:   # an ensemble of per-fold IntroVAEs: their mean
+    pseudo = np.mean(list(pseudos.values()), axis=0)
     unit_range = np.where(pc.brain, (pseudo + 1.0) / 2.0, 0.0)   # [-1, 1] -> [0, 1], 0 outside
     images[paths['pseudo_normal']] = _like_input(
         register.to_native(unit_range, pc.meta, 'linear'), reference, np.float32)

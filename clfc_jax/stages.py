@@ -70,24 +70,33 @@ def stage_prep(config, wd: Workdir):
                                      split['train'] + split['val'], modalities, config)
     tfds_builders.build(tfds_builders.tumor_slices_builder(
         config, wd.tfds, k, with_pseudo_normal=False, prep_dir=wd.prep))
-  first = folds_to_run(config)[0]
-  normal_builder = tfds_builders.build(tfds_builders.normal_t1_builder(
-      config, wd.tfds, fold=first, prep_dir=wd.prep))
-  summary['normal_t1_slices'] = normal_builder.info.splits['train'].num_examples
+  summary['normal_t1_slices'] = {}
+  for key in wd.introvae_keys(config):   # the normal cohort, or each fold's training patients
+    built = tfds_builders.build(tfds_builders.normal_t1_builder(
+        config, wd.tfds, fold=0 if key is None else key, prep_dir=wd.prep))
+    summary['normal_t1_slices'][_key_name(key)] = built.info.splits['train'].num_examples
   summary['cases'] = len(ids)
   summary['skipped'] = dict(summary['tumor']['skipped'], **summary.get('normal', {}).get(
       'skipped', {}))
   return summary
 
 
+def _key_name(key) -> str:
+  return 'normal_cohort' if key is None else f'fold{key}'
+
+
 def stage_introvae(config, wd: Workdir):
-  """Trains the IntroVAE on normal T1 slices (frozen afterwards)."""
-  return introvae_trainer.train_introvae(config, wd)
+  """Trains the IntroVAE(s) on normal T1 slices (frozen afterwards): one on the normal cohort,
+  or, without one, one per fold on that fold's training patients (Workdir.introvae_keys)."""
+  return {_key_name(key): introvae_trainer.train_introvae(config, wd, key)
+          for key in wd.introvae_keys(config)}
 
 
 def stage_pseudo_normal(config, wd: Workdir):
-  """Reconstructs every tumor case's pseudo-normal T1 once; shards with the 2.5D stacks."""
-  return pseudo_normal.make_pseudo_normals(config, wd)
+  """Reconstructs every tumor case's pseudo-normal T1 once per IntroVAE; shards with the 2.5D
+  stacks, each fold's from its own IntroVAE."""
+  return {_key_name(key): pseudo_normal.make_pseudo_normals(config, wd, key)
+          for key in wd.introvae_keys(config)}
 
 
 def ensure_tumor_shards(config, wd: Workdir):
@@ -95,11 +104,12 @@ def ensure_tumor_shards(config, wd: Workdir):
   have none yet: from the prepared volumes, so no registration is redone. Existing builds
   are reused as they are."""
   tfds_builders = optional.tfds_builders()
-  with_pn = any(wd.pseudo_normal.glob('*.npz')) if wd.pseudo_normal.is_dir() else False
   for k in folds_to_run(config):
+    pn_dir = wd.pseudo_normal_dir(wd.introvae_key(k))
+    with_pn = pn_dir.is_dir() and any(pn_dir.glob('*.npz'))
     tfds_builders.build(tfds_builders.tumor_slices_builder(
         config, wd.tfds, k, with_pseudo_normal=with_pn, prep_dir=wd.prep,
-        pseudo_normal_dir=wd.pseudo_normal))
+        pseudo_normal_dir=pn_dir))
 
 
 def stage_train(config, wd: Workdir):

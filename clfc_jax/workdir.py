@@ -1,4 +1,5 @@
-"""WORKDIR's layout (ARCHITECTURE.md's workdir contract) and which folds a run covers.
+"""WORKDIR's layout (ARCHITECTURE.md's workdir contract), which folds a run covers and which
+IntroVAE each fold uses.
 
 A leaf: every stage, the report and clfc_jax.segment find their files through `Workdir`, so the
 layout is written down once. prep/'s own layout comes from data_prep.store and normalize.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import ml_collections
 
@@ -55,8 +57,32 @@ class Workdir:
     """eval/<method>/fold<k>: per_patient.csv, predictions/, summary.json."""
     return self.eval / method / f'fold{int(fold)}'
 
-  def pseudo_normal_file(self, case_id: str) -> Path:
-    return self.pseudo_normal / f'{case_id}.npz'
+  # --- the normal-appearance half: one IntroVAE per normal cohort, or one per fold -------------
+  def has_normal_cohort(self) -> bool:
+    """Whether the job has a normal cohort (IXI: prepared subjects in prep/normal, or their T1
+    reference): then one IntroVAE serves every fold; without one each fold trains its own on its
+    training patients' tumor-free slices."""
+    return self.hist_refs_normal.exists() or bool(store.prepared_ids(self.prep_normal))
+
+  def introvae_key(self, fold: int) -> Optional[int]:
+    """Which IntroVAE test fold `fold` uses: None (the normal cohort's) or the fold itself."""
+    return None if self.has_normal_cohort() else int(fold)
+
+  def introvae_keys(self, config) -> list:
+    """The IntroVAEs the folds to run need: [None] with a normal cohort, else one per fold."""
+    return sorted({self.introvae_key(k) for k in folds_to_run(config)},
+                  key=lambda k: -1 if k is None else k)
+
+  def introvae_dir(self, key: Optional[int] = None) -> Path:
+    """introvae/ (normal cohort) or introvae/fold<k>/ (fold k's own, fallback)."""
+    return self.introvae if key is None else self.introvae / f'fold{int(key)}'
+
+  def pseudo_normal_dir(self, key: Optional[int] = None) -> Path:
+    """pseudo_normal/ or pseudo_normal/fold<k>/: the reconstructions of that IntroVAE."""
+    return self.pseudo_normal if key is None else self.pseudo_normal / f'fold{int(key)}'
+
+  def pseudo_normal_file(self, case_id: str, key: Optional[int] = None) -> Path:
+    return self.pseudo_normal_dir(key) / f'{case_id}.npz'
 
   def trained_folds(self, method: str) -> list:
     """Folds of `method` with a checkpoint folder, ascending."""
@@ -70,12 +96,6 @@ class Workdir:
 def folds_to_run(config) -> list:
   """config.fold, or every fold when it is -1 (the paper's five-fold protocol)."""
   return list(range(config.data.num_folds)) if config.fold < 0 else [config.fold]
-
-
-def normal_fold(config) -> int:
-  """The fold whose normal slices / T1 reference the IntroVAE uses (the prep stage's first
-  fold). It only matters without a normal cohort (the tumor-free-slice fallback)."""
-  return folds_to_run(config)[0]
 
 
 def _tuples(x):

@@ -153,11 +153,12 @@ def normal_reference_path(prep_dir, fold: Optional[int] = None) -> Path:
   return Path(prep_dir) / name
 
 
-def normal_t1_reference(prep_dir, config, fold: int = 0) -> np.ndarray:
+def normal_t1_reference(prep_dir, config, fold: Optional[int] = None) -> np.ndarray:
   """Landmarks that normal-appearance T1 slices are matched to (IntroVAE and pseudo-normal).
 
-  With a normal cohort (prep/normal/): fitted on all its subjects. Without one (fallback):
-  fitted on fold `fold`'s training (train+val) tumor cases, never on its test fold.
+  With a normal cohort (prep/normal/): fitted on all its subjects (`fold` does not matter).
+  Without one (fallback): fitted on fold `fold`'s training (train+val) tumor cases, never on
+  its test fold.
   """
   prep_dir = Path(prep_dir)
   modality = config.dataset.normal_modality
@@ -165,8 +166,10 @@ def normal_t1_reference(prep_dir, config, fold: int = 0) -> np.ndarray:
   if normal_ids:
     return load_or_fit_references(normal_reference_path(prep_dir), prep_dir / store.NORMAL_DIR,
                                   normal_ids, (modality,), config)[modality]
+  if fold is None:
+    raise CaseError(prep_dir / store.NORMAL_DIR, 'no prepared normal subjects: the IntroVAE '
+                    "falls back to a fold's own training patients, so name the fold")
   split = folds_lib.prepared_split(prep_dir, config, fold)
   ids = split['train'] + split['val']
   return load_or_fit_references(normal_reference_path(prep_dir, fold), prep_dir / store.CASES_DIR,
                                 ids, (modality,), config)[modality]
-

@@ -24,3 +24,9 @@ def test_defaults_follow_spec():
   assert c.train.momentum == 0.95 and c.train.clip_norm == 12.0 and c.train.weight_decay == 3e-5
   assert (c.introvae.alpha, c.introvae.beta, c.introvae.margin) == (0.5, 0.04, 120.0)
   assert c.clfc.stop_grad_before_zeta
+
+
+def test_brats_runs_the_papers_five_folds_by_default():
+  c = brats.get_config()
+  assert c.fold == -1 and c.data.num_folds == 5
+  assert brats.get_config('baseline2').fold == -1

@@ -41,7 +41,9 @@ def cohort(tmp_path_factory):
   refs = normalize.fit_references((store.load_prepared(wd.prep_cases, i) for i in train_ids),
                                   config.dataset.modalities, config)
   normalize.save_references(refs, wd.hist_refs(0), fitted_on=train_ids)
-  pipeline.write_toy_pseudo_normals(wd.prep, wd.pseudo_normal, split['train'] + split['test'])
+  # No normal cohort: fold 0's own IntroVAE makes its pseudo-normals (pseudo_normal/fold0/).
+  pipeline.write_toy_pseudo_normals(wd.prep, wd.pseudo_normal_dir(wd.introvae_key(0)),
+                                    split['train'] + split['test'])
   model = segmenter.build_segmenter(config)
   state = train.create_train_state(
       config, jax.random.key(1, impl=config.train.rng_impl), model)
@@ -60,7 +62,7 @@ def _test_case(cohort):
 def test_case_inputs_are_matched_modality_major_stacks(cohort):
   config, refs = cohort['config'], cohort['refs']
   pc = _test_case(cohort)
-  pseudo = inputs_lib.load_pseudo_normal(cohort['wd'].pseudo_normal / f'{pc.case_id}.npz',
+  pseudo = inputs_lib.load_pseudo_normal(cohort['wd'].pseudo_normal_file(pc.case_id, 0),
                                        pc.brain.shape)
   inputs = inputs_lib.case_inputs(pc, refs, config, pseudo)
   z, h, w = pc.brain.shape
@@ -80,13 +82,13 @@ def test_case_inputs_are_matched_modality_major_stacks(cohort):
   with pytest.raises(CaseError, match='pseudo-normal'):
     inputs_lib.case_inputs(pc, refs, config)
   with pytest.raises(CaseError, match='no pseudo-normal'):
-    inputs_lib.load_pseudo_normal(cohort['wd'].pseudo_normal / 'nobody.npz', pc.brain.shape)
+    inputs_lib.load_pseudo_normal(cohort['wd'].pseudo_normal_file('nobody', 0), pc.brain.shape)
 
 
 def test_predict_volume_equals_unbatched_per_slice_prediction(cohort):
   config, model, variables = cohort['config'], cohort['model'], cohort['variables']
   pc = _test_case(cohort)
-  pseudo = inputs_lib.load_pseudo_normal(cohort['wd'].pseudo_normal / f'{pc.case_id}.npz',
+  pseudo = inputs_lib.load_pseudo_normal(cohort['wd'].pseudo_normal_file(pc.case_id, 0),
                                        pc.brain.shape)
   inputs = {k: v[30:37] for k, v in inputs_lib.case_inputs(pc, cohort['refs'], config,
                                                           pseudo).items()}

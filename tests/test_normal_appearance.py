@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from benchmarks.pipeline import toy_prepared_cohort
 from clfc_jax import pseudo_normal
@@ -14,7 +15,7 @@ from clfc_jax.train import introvae_steps as introvae_train
 from clfc_jax.train import introvae_trainer as trainer
 from clfc_jax.workdir import Workdir
 from configs import default
-from data_prep import normalize, store, tfds_builders
+from data_prep import folds, normalize, store, tfds_builders
 
 MODS = ('t1', 'flair')
 Z, HW = 12, (32, 32)
@@ -110,7 +111,7 @@ def test_resumed_training_equals_an_uninterrupted_run(work, tmp_path):
   straight = trainer.train_introvae(tiny_config(epochs=2), wd)
   assert straight['epochs_run'] == 2 and straight['final_step'] == 4
   c = tiny_config(epochs=2)
-  a, b = trainer.restore_introvae(c, src), trainer.restore_introvae(c, wd)
+  a, b = trainer.restore_introvae(c, src.introvae), trainer.restore_introvae(c, wd.introvae)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -152,7 +153,7 @@ def test_pseudo_normal_is_the_mu_reconstruction_of_the_matched_t1(work, pseudo):
   landmarks = normalize.normal_t1_reference(wd.prep, c, 0)
   unit = normalize.to_unit_range(normalize.apply_reference(pc.modality('t1'), pc.brain,
                                                            landmarks, c), pc.brain, c)
-  state = trainer.restore_introvae(c, wd)
+  state = trainer.restore_introvae(c, wd.introvae)
   assert int(state.step) == 4
   enc, dec = jax.device_get((state.enc_params, state.dec_params))
   s = Z // 2
@@ -235,3 +236,38 @@ def test_pseudo_normals_need_a_trained_introvae(tmp_path):
   toy_prepared_cohort(wd.prep, num_cases=1, num_normal=1, z=Z, hw=HW, modalities=MODS)
   with pytest.raises(FileNotFoundError, match='introvae stage'):
     pseudo_normal.make_pseudo_normals(tiny_config(), wd)
+
+
+def test_without_a_normal_cohort_each_fold_trains_its_own_introvae(tmp_path):
+  """The fallback: fold k's IntroVAE, T1 reference and pseudo-normals come from fold k's
+  training patients only, so no test patient of any fold reaches the IntroVAE of its fold
+  (before: fold 0's IntroVAE, trained on folds 1-4's test patients, served every fold)."""
+  wd = Workdir(tmp_path)
+  ids = toy_prepared_cohort(wd.prep, num_cases=6, num_normal=0, z=Z, hw=HW, modalities=MODS)
+  c = tiny_config(epochs=1)
+  c.fold = -1
+  c.data.tumor_free_margin = 0
+  assert not wd.has_normal_cohort()
+  assert wd.introvae_keys(c) == [0, 1, 2]
+  for k in (0, 2):
+    tfds_builders.build(tfds_builders.normal_t1_builder(c, wd.tfds, fold=k, prep_dir=wd.prep))
+    test_ids = set(folds.prepared_split(wd.prep, c, k)['test'])
+    slices = tfds.as_numpy(tfds_builders.normal_t1_builder(c, wd.tfds, fold=k).as_dataset(
+        split='train'))
+    seen = {ex['patient'].decode() for ex in slices}
+    assert seen and not seen & test_ids, (k, seen, test_ids)
+    summary = trainer.train_introvae(c, wd, k)
+    assert summary['fold'] == k and (wd.introvae_dir(k) / trainer.SUMMARY_NAME).exists()
+    pseudo_normal.make_pseudo_normals(c, wd, k, build_shards=False)
+    assert sorted(p.stem for p in wd.pseudo_normal_dir(k).glob('*.npz')) == sorted(ids)
+    assert normalize.normal_reference_path(wd.prep, k).exists()
+  assert not (wd.introvae / trainer.SUMMARY_NAME).exists()
+  assert not list(wd.pseudo_normal.glob('*.npz'))   # nothing shared between folds
+  assert not wd.introvae_dir(1).exists()
+
+
+def test_with_a_normal_cohort_one_introvae_serves_every_fold(work):
+  c = tiny_config()
+  c.fold = -1
+  assert work['wd'].has_normal_cohort() and work['wd'].introvae_keys(c) == [None]
+  assert work['wd'].introvae_dir(work['wd'].introvae_key(2)) == work['wd'].introvae

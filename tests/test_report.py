@@ -154,7 +154,7 @@ def figure_workdir(tmp_path_factory):
                                   config.dataset.modalities, config)
   normalize.save_references(refs, wd.hist_refs(0), fitted_on=train_ids)
   ids = store.prepared_ids(wd.prep_cases)
-  pipeline.write_toy_pseudo_normals(wd.prep, wd.pseudo_normal, ids)
+  pipeline.write_toy_pseudo_normals(wd.prep, wd.pseudo_normal_dir(wd.introvae_key(0)), ids)
   model = segmenter.build_segmenter(config)
   state = train.create_train_state(config, jax.random.key(1, impl=config.train.rng_impl), model)
   run = wd.runs / 'clfc' / 'fold0'

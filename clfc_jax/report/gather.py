@@ -148,7 +148,8 @@ def network_outputs(config, workdir, method: str, cases: Sequence[tuple],
     if fold not in variables:
       variables[fold] = predict.load_segmenter(mc, wd.run_dir(method, fold), mesh)[0]
     pc = store.load_prepared(wd.prep_cases, case_id)
-    pseudo = (inputs_lib.load_pseudo_normal(wd.pseudo_normal_file(case_id), pc.brain.shape)
+    pseudo = (inputs_lib.load_pseudo_normal(wd.pseudo_normal_file(case_id, wd.introvae_key(fold)),
+                                            pc.brain.shape)
               if mc.model.use_normal_net else None)
     inputs = inputs_lib.case_inputs(pc, normalize.load_references(wd.hist_refs(fold)), mc,
                                     pseudo)
@@ -193,12 +194,15 @@ def attention_row(method: str, outputs: Mapping, index: int = 0) -> dict:
 
 
 # --- pseudo-normals --------------------------------------------------------------------------------
-def pseudo_normal_row(config, workdir, case_id: str, landmarks) -> dict:
+def pseudo_normal_row(config, workdir, case_id: str, fold: int) -> dict:
   """One row of the pseudo-normal figure (MNI space, the slice with the most tumor): the tumor
-  T1 and the healthy T1 (synthetic cohorts) scaled exactly as the IntroVAE saw its input."""
+  T1, the pseudo-normal that test fold `fold`'s IntroVAE made of it and the healthy T1
+  (synthetic cohorts), scaled exactly as the IntroVAE saw its input."""
   wd = Workdir(workdir)
+  key = wd.introvae_key(fold)
   pc = store.load_prepared(wd.prep_cases, case_id)
-  pseudo = inputs_lib.load_pseudo_normal(wd.pseudo_normal_file(case_id), pc.brain.shape)
+  pseudo = inputs_lib.load_pseudo_normal(wd.pseudo_normal_file(case_id, key), pc.brain.shape)
+  landmarks = normalize.normal_t1_reference(wd.prep, config, key)
   modality = config.dataset.normal_modality
   z = plots.tumor_slices(pc.label, 1)[0] if pc.label is not None else pc.brain.shape[0] // 2
   unit = lambda vol: inputs_lib.unit_t1(vol, pc.brain, landmarks, config)[z]

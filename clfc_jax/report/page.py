@@ -24,11 +24,10 @@ from clfc_jax import plots
 from clfc_jax import run_log
 from clfc_jax.report import gather
 from clfc_jax.report import tables
-from clfc_jax import workdir as workdir_lib
 from clfc_jax.workdir import Workdir
 from configs import default
 from data_prep import optional
-from data_prep import normalize, store
+from data_prep import store
 from data_prep.case import CaseError
 
 REFERENCE_METHOD = tables.REFERENCE_METHOD
@@ -242,12 +241,11 @@ def section_attention(ctx: ReportContext) -> str:
 def section_pseudo_normals(ctx: ReportContext) -> str:
   def make(path):
     wd = Workdir(ctx.workdir)
-    patients = [p for p, _ in _shown_patients(ctx) if wd.pseudo_normal_file(p).exists()]
-    if not patients:
+    shown = [(p, k) for p, k in _shown_patients(ctx)
+             if wd.pseudo_normal_file(p, wd.introvae_key(k)).exists()]
+    if not shown:
       raise SkipFigure(f'no pseudo-normal T1 of the shown patients in {wd.pseudo_normal}')
-    landmarks = normalize.normal_t1_reference(wd.prep, ctx.config,
-                                              workdir_lib.normal_fold(ctx.config))
-    rows = [gather.pseudo_normal_row(ctx.config, ctx.workdir, p, landmarks) for p in patients]
+    rows = [gather.pseudo_normal_row(ctx.config, ctx.workdir, p, k) for p, k in shown]
     plots.plot_pseudo_normals(rows, path, _dpi(ctx))
   return _figure_section(
       ctx, 'Pseudo-normal T1 (IntroVAE)', 'pseudo_normals', make,
@@ -280,7 +278,8 @@ def section_training_curves(ctx: ReportContext) -> str:
 
 def section_introvae(ctx: ReportContext) -> str:
   def make(path):
-    iv_dir = Workdir(ctx.workdir).introvae
+    wd = Workdir(ctx.workdir)
+    iv_dir = wd.introvae_dir(wd.introvae_keys(ctx.config)[0])   # the first fold's, without IXI
     log = iv_dir / run_log.METRICS_NAME
     records = run_log.read_events(log) if log.exists() else []
     if not any(r.get('event') == 'train' for r in records):

@@ -1,6 +1,9 @@
 """The IntroVAE's training loop: normal T1 slices in, WORKDIR/introvae out (SPEC §6).
 
-`train_introvae` writes WORKDIR/introvae/:
+With a normal cohort one IntroVAE serves every fold (WORKDIR/introvae/); without one, each test
+fold k gets its own, trained on fold k's training patients only (WORKDIR/introvae/fold<k>/), so
+no test patient ever reaches the IntroVAE that makes its fold's pseudo-normals.
+`train_introvae` writes that folder:
   checkpoints/   orbax, one step per epoch end (the latest introvae.keep_checkpoints)
   events.*       TensorBoard scalars (every loss term of both updates, steps/s)
   metrics.jsonl  one JSON object per log event;  config.json  the resolved config
@@ -169,11 +172,11 @@ def sample_fn(config, num: int):
                         _options_key(inference_options(config)))
 
 
-def save_samples(config, wd, state, path: Path):
+def save_samples(config, wd, state, path: Path, fold: Optional[int] = None):
   """PNG grid: rows real normal slices, their μ-reconstructions, decoded prior samples."""
   n = max(int(config.introvae.num_samples), 1)
   it = optional.input_pipeline().normal_t1_iterator(
-      config, wd.tfds, n, epoch_seed(config.seed, -1), fold=workdir_lib.normal_fold(config),
+      config, wd.tfds, n, epoch_seed(config.seed, -1), fold=_slices_fold(fold),
       process_index=0, process_count=1)
   with contextlib.closing(it):
     real = next(it)['image']
@@ -185,11 +188,12 @@ def save_samples(config, wd, state, path: Path):
                               title=f'IntroVAE step {int(state.step)}')
 
 
-def restore_introvae(config, wd, mesh=None):
-  """The trained (final) IntroVAEState, replicated over `mesh`; clear errors if not trained."""
+def restore_introvae(config, introvae_dir, mesh=None):
+  """The trained (final) IntroVAEState in `introvae_dir` (Workdir.introvae_dir), replicated over
+  `mesh`; clear errors if it is not trained."""
   mesh = mesh or sharding_lib.make_mesh()
-  directory = Path(wd.introvae) / 'checkpoints'
-  summary_path = Path(wd.introvae) / SUMMARY_NAME
+  directory = Path(introvae_dir) / 'checkpoints'
+  summary_path = Path(introvae_dir) / SUMMARY_NAME
   if not summary_path.exists():
     raise FileNotFoundError(f'{summary_path}: the IntroVAE has not finished training '
                             '(run the introvae stage first)')
@@ -210,9 +214,17 @@ def _read_json(path: Path) -> dict:
     return {}
 
 
-def train_introvae(config, wd, *, stop_after_epochs: Optional[int] = None,
+def _slices_fold(fold: Optional[int]) -> int:
+  """The fold argument of the normal-slice datasets (it matters only in the fallback)."""
+  return 0 if fold is None else int(fold)
+
+
+def train_introvae(config, wd, fold: Optional[int] = None, *,
+                   stop_after_epochs: Optional[int] = None,
                    batch_hook: Optional[Callable[[dict, int], dict]] = None) -> dict:
-  """Trains the IntroVAE on the normal T1 slices (WORKDIR/tfds) into WORKDIR/introvae.
+  """Trains the IntroVAE on the normal T1 slices (WORKDIR/tfds) into wd.introvae_dir(fold).
+
+  fold: None for the normal cohort's IntroVAE, else fold k's own (Workdir.introvae_key).
 
   Global batch: introvae.batch_size rounded down to a multiple of the device count; epochs ×
   steps_per_epoch alternating encoder/decoder updates. Resumes from the latest checkpoint.
@@ -225,15 +237,15 @@ def train_introvae(config, wd, *, stop_after_epochs: Optional[int] = None,
   start_time = time.time()
   iv = config.introvae
   reader = optional.input_pipeline()
-  out_dir = Path(wd.introvae)
+  out_dir = wd.introvae_dir(fold)
   is_main = jax.process_index() == 0
   if is_main:
     out_dir.mkdir(parents=True, exist_ok=True)
     workdir_lib.write_config(config, out_dir / workdir_lib.CONFIG_NAME)
   mesh = sharding_lib.make_mesh()
-  fold = workdir_lib.normal_fold(config)
+  slices_fold = _slices_fold(fold)
   batch = round_batch(iv.batch_size, mesh.devices.size)
-  num_slices = reader.num_normal_slices(config, wd.tfds, fold=fold)
+  num_slices = reader.num_normal_slices(config, wd.tfds, fold=slices_fold)
   spe, epochs = steps_per_epoch(config, num_slices, batch), int(iv.epochs)
   step_fn = train_step_fn(config, mesh)
   ckpt = checkpoints_lib.Checkpointer(out_dir / 'checkpoints',
@@ -250,13 +262,13 @@ def train_introvae(config, wd, *, stop_after_epochs: Optional[int] = None,
         epochs, first_epoch + int(stop_after_epochs))
     for epoch in range(first_epoch, last_epoch):
       it = reader.normal_t1_iterator(config, wd.tfds, batch, epoch_seed(config.seed, epoch),
-                                     fold=fold)
+                                     fold=slices_fold)
       with contextlib.closing(it):
         state, final = loop.run_epoch(
             step_fn, state, it, epoch=epoch, num_epochs=epochs, steps_per_epoch=spe,
             fields=('image',), mesh=mesh, log=log, log_every=iv.log_every_steps,
             check_every=1,
-            diverged=lambda step, bad: IntroVAEDiverged(step, bad, wd.introvae,
+            diverged=lambda step, bad: IntroVAEDiverged(step, bad, out_dir,
                                                         ckpt.latest_step()),
             params_of=lambda s: (s.enc_params, s.dec_params), desc='introvae epoch',
             postfix=lambda m: {'enc': f'{m["enc/loss"]:.1f}', 'dec': f'{m["dec/loss"]:.1f}'},
@@ -266,11 +278,11 @@ def train_introvae(config, wd, *, stop_after_epochs: Optional[int] = None,
       log.event('checkpoint', end * spe, epoch=end)
     ckpt.wait()
     if is_main:
-      save_samples(config, wd, state, out_dir / SAMPLES_NAME)
+      save_samples(config, wd, state, out_dir / SAMPLES_NAME, fold)
     summary = {'status': 'done' if last_epoch == epochs else 'stopped',
                'epochs_run': last_epoch - first_epoch, 'epochs_done': last_epoch,
                'final_step': last_epoch * spe, 'steps_per_epoch': spe, 'batch_size': batch,
-               'num_normal_slices': num_slices, 'normal_fold': fold, 'final': final,
+               'num_normal_slices': num_slices, 'fold': fold, 'final': final,
                'seconds': round(time.time() - start_time, 2)}
     log.event('summary', last_epoch * spe, **summary)
   finally:
