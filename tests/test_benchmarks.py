@@ -5,14 +5,17 @@ import subprocess
 import sys
 
 import jax
+import nibabel as nib
 import numpy as np
 import pytest
 
+from benchmarks import heldout
 from benchmarks import inference
 from benchmarks import machine
 from benchmarks import run
 from benchmarks import scaling
 from configs import demo
+from data_prep import prepare, validate
 
 
 def test_device_peaks_by_kind():
@@ -124,3 +127,29 @@ def test_rounds_combine_to_median_ratio_and_range():
   assert row['note'] == 'median of 3 alternating rounds; torch/jax 1.85-2.20'
   assert run.combine_rounds([({'error': 'oom'}, {'step_s': 5.0})]) == {
       'error': 'oom', 'torch': {'step_s': 5.0}}
+
+
+def test_heldout_scores_every_patient_in_its_native_space(tmp_path):
+  """The held-out check end to end on one small patient, with fresh (untrained) tiny models:
+  the cohort is the heldout profile's, each mask lies on its patient's own grid and is scored."""
+  config = demo.get_config('baseline1')   # no IntroVAE needed; the scoring path is the same
+  config.prep.spacing = config.prep.reg.spacing = 4.0
+  config.prep.crop_hw = (48, 48)
+  config.model.width = 0.125
+  config.data.k = 1
+  config.eval.batch_size = 16
+  config.train.rng_impl = 'rbg'
+  config.fold = 0
+  case, _ = inference.write_patient(tmp_path / 'ref', 0, spacing=3.0)
+  reference = prepare.prepare_loaded(validate.load_case(case, config, require_label=False),
+                                     config)
+  workdir = inference.build_workdir(config, tmp_path / 'work', [reference])
+  args = heldout.parse_args(['--workdir', str(workdir), '--cases', '1', '--spacing', '3',
+                             '--keep', str(tmp_path / 'kept'), '--out', ''])
+  result = heldout.run(args)
+  [row] = result['cases']
+  assert result['cohort']['profile'] == 'heldout' and result['summary']['all']['n'] == 1
+  assert 0.0 <= row['dice'] <= 1.0 and row['hd95'] >= 0.0 and row['tumor_ml'] > 0
+  mask = nib.load(str(tmp_path / 'kept' / 'masks' / f'{row["case"]}_seg.nii.gz'))
+  assert list(mask.shape) == row['shape']
+  assert '| all | 1 |' in heldout.markdown(result)

@@ -1,0 +1,140 @@
+"""Generalisation check: a trained workdir's models on a cohort the training generator never made.
+
+`python -m benchmarks.heldout --workdir=workdir/demo [--cases 8] [--seed 2027] [--spacing 1.5]`
+writes a synthetic cohort with data_prep.synthetic's `heldout` profile (its own seed stream and
+ranges the `train` profile never draws: other grids and orientations, lower gain, harsher
+contrast, blur, bias and noise, thicker slices, small and multi-focal tumours), segments every
+patient as a new one (clfc_jax.segment: no label is read), and scores each mask against the
+patient's label file in its own native space with clfc_jax.metrics (Dice, sensitivity, HD95 in
+mm). Results: benchmarks/results/heldout.json (per case and mean ± std, also by tumour size).
+It never feeds back into training or model selection: it only reads the workdir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+import sys
+import tempfile
+import time
+
+import nibabel as nib
+import numpy as np
+
+from benchmarks import machine
+from benchmarks import tables
+from clfc_jax import host_memory, metrics, segment
+from clfc_jax import workdir as workdir_lib
+from configs import default
+from data_prep import readers, synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / 'benchmarks' / 'results' / 'heldout.json'
+SMALL_ML = 5.0   # tumours below this (whole tumour, ml) are reported apart: the hardest ones
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--workdir', required=True, help='a finished clfc_jax.main workdir')
+  ap.add_argument('--method', default=None, help="default: the workdir config's method")
+  ap.add_argument('--cases', type=int, default=8)
+  ap.add_argument('--seed', type=int, default=2027, help='the held-out cohort seed')
+  ap.add_argument('--spacing', type=float, default=1.5, help='nominal mm of the cohort')
+  ap.add_argument('--profile', default='heldout', help='data_prep.synthetic profile')
+  ap.add_argument('--keep', default='', help='folder to keep the cohort and masks in')
+  ap.add_argument('--out', default=str(RESULTS), help="JSON to write; '' = none")
+  return ap.parse_args(argv)
+
+
+def score_mask(pred_path, label_path) -> dict:
+  """Dice, sensitivity, HD95 (mm) of a written mask against a label file on the same grid."""
+  pred_img, label_img = nib.load(str(pred_path)), nib.load(str(label_path))
+  pred, truth = np.asanyarray(pred_img.dataobj) > 0, np.asanyarray(label_img.dataobj) > 0
+  if pred.shape != truth.shape or not np.allclose(pred_img.affine, label_img.affine, atol=1e-3):
+    raise ValueError(f'{pred_path}: not on the grid of {label_path} ({pred.shape} vs '
+                     f'{truth.shape})')
+  spacing = tuple(float(z) for z in label_img.header.get_zooms()[:3])
+  out = metrics.case_metrics(pred, truth, spacing)
+  out['tumor_ml'] = float(truth.sum() * np.prod(spacing) / 1000.0)
+  return out
+
+
+def _mean_std(rows, key) -> dict:
+  values = np.asarray([r[key] for r in rows], np.float64)
+  if not len(values):
+    return {'mean': None, 'std': None}
+  return {'mean': round(float(values.mean()), 4),
+          'std': round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 4)}
+
+
+def summarize(rows) -> dict:
+  """Mean ± sample std of every metric, over all cases and by tumour size."""
+  groups = {'all': rows, f'< {SMALL_ML:g} ml': [r for r in rows if r['tumor_ml'] < SMALL_ML],
+            f'>= {SMALL_ML:g} ml': [r for r in rows if r['tumor_ml'] >= SMALL_ML]}
+  return {name: dict(n=len(group), **{m: _mean_std(group, m)
+                                      for m in ('dice', 'sensitivity', 'hd95')})
+          for name, group in groups.items()}
+
+
+def run(args, models=None) -> dict:
+  """The record; `models` (segment.load_models) replaces loading them from args.workdir."""
+  workdir = Path(args.workdir).expanduser().resolve()
+  config = workdir_lib.read_config(workdir_lib.Workdir(workdir).config)
+  config = default.method_config(config, args.method)
+  with tempfile.TemporaryDirectory() as tmp:
+    root = Path(args.keep).expanduser() if args.keep else Path(tmp)
+    log(f'writing {args.cases} {args.profile} patients into {root}')
+    cohort = synthetic.generate_cohort(root / 'cohort', args.cases, 0, args.seed, args.spacing,
+                                       progress=False, profile=args.profile)
+    cases, problems = readers.find_patients(root / 'cohort' / 'BraTS', config)
+    if problems:
+      raise ValueError(f'held-out cohort: unreadable patients {problems}')
+    models = models or segment.load_models(None, workdir, method=args.method)
+    tick = time.perf_counter()
+    done = segment.segment_cases(models, cases, root / 'masks', progress=False, overwrite=True)
+    seconds = time.perf_counter() - tick
+    if done['failed']:
+      raise RuntimeError(f'segment failed on {done["failed"]}')
+    info = {c['id']: c for c in cohort['tumor_cases']}
+    rows = []
+    for case in cases:
+      label = root / 'cohort' / info[case.case_id]['path'] / f'{case.case_id}_seg.nii.gz'
+      row = score_mask(root / 'masks' / f'{case.case_id}{segment.OUTPUT_SUFFIXES["seg"]}', label)
+      grid = info[case.case_id]['grid']
+      rows.append(dict(case=case.case_id, shape=grid['shape'],
+                       **{k: round(v, 4) for k, v in row.items()}))
+  return {'suite': 'heldout', 'workdir': str(workdir), 'method': models.method,
+          'folds': [m.fold for m in models.members],
+          'cohort': {'profile': args.profile, 'seed': args.seed, 'spacing_mm': args.spacing,
+                     'cases': args.cases},
+          'summary': summarize(rows), 'cases': rows,
+          'seconds_per_case': round(seconds / max(len(cases), 1), 2),
+          'machine': machine.describe(with_jax=False)}
+
+
+def markdown(result) -> str:
+  lines = ['| cases | n | Dice (%) | Sensitivity (%) | HD95 (mm) |', '|---|---|---|---|---|']
+  for name, s in result['summary'].items():
+    if not s['n']:
+      continue
+    cell = lambda m, scale: (f'{scale * s[m]["mean"]:.2f} ± {scale * s[m]["std"]:.2f}'
+                             if s[m]['mean'] is not None else '–')
+    lines.append(f'| {name} | {s["n"]} | {cell("dice", 100)} | {cell("sensitivity", 100)} | '
+                 f'{cell("hd95", 1)} |')
+  return '\n'.join(lines)
+
+
+def log(message: str) -> None:
+  print(f'heldout: {message}', file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  result = run(args)
+  log('\n' + markdown(result))
+  return tables.emit(result, args.out)
+
+
+if __name__ == '__main__':
+  host_memory.reexec_with_huge_page_malloc()   # before JAX starts (see host_memory)
+  main()
