@@ -35,7 +35,6 @@ from clfc_jax.train import introvae_steps
 from clfc_jax.train import loop
 from clfc_jax.train import steps as train_lib
 from data_prep import optional
-from data_prep import store
 
 METRICS_NAME = run_log.METRICS_NAME
 SUMMARY_NAME = 'summary.json'
@@ -288,6 +287,5 @@ def train_introvae(config, wd, fold: Optional[int] = None, *,
   finally:
     ckpt.close()
     log.close()
-  if summary['status'] == 'done' and is_main:
-    store.write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=1))
+  loop.write_summary_if_done(out_dir / SUMMARY_NAME, summary, is_main)
   return summary

@@ -9,6 +9,7 @@ equal to an uninterrupted one (same device count, same compiler).
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from clfc_jax import checkpoints as checkpoints_lib
 from clfc_jax import run_log
 from clfc_jax import sharding as sharding_lib
+from data_prep import store
 
 
 class Diverged(RuntimeError):
@@ -124,3 +126,10 @@ def run_epoch(step_fn, state, batches: Iterator[dict], *, epoch: int, num_epochs
   finally:
     bar.close()
   return state, last
+
+
+def write_summary_if_done(path, summary: dict, is_main: bool) -> None:
+  """summary.json, written last and only by process 0 once the run reached its last epoch: its
+  presence marks the run as done (a stopped run leaves none, so it resumes)."""
+  if summary['status'] == 'done' and is_main:
+    store.write_text(path, json.dumps(summary, indent=1))

@@ -37,7 +37,6 @@ from clfc_jax.train import steps as train_lib
 from clfc_jax import workdir as workdir_lib
 from clfc_jax.workdir import Workdir
 from data_prep import optional
-from data_prep import store
 
 SUMMARY_NAME = 'summary.json'
 METRICS_NAME = run_log.METRICS_NAME
@@ -247,8 +246,7 @@ def train_and_evaluate(config, workdir, fold: int, *, stop_after_epochs: Optiona
   finally:
     ckpt.close()
     log.close()
-  if summary['status'] == 'done' and is_main:
-    store.write_text(summary_path, json.dumps(summary, indent=1))
+  loop.write_summary_if_done(summary_path, summary, is_main)
   return summary
 
 
