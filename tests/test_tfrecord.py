@@ -152,7 +152,16 @@ def test_pickles_without_its_files_and_reads_after_fork(built):
   if pid == 0:   # the child reads through the parent's object: it must open its own files.
     ok = source[3]['image'].tobytes() == clone[3]['image'].tobytes()
     os._exit(0 if ok else 1)
-  assert os.waitpid(pid, 0)[1] == 0
+  # Poll rather than block: a child that hangs (a fork of a multithreaded process) fails the
+  # test instead of hanging the suite.
+  deadline = time.monotonic() + 120
+  while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  if done[0] == 0:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail('the forked reader did not finish within 120 s')
+  assert done[1] == 0
   _assert_same(source[0], first)
 
 
