@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from clfc_jax import external
 from clfc_jax import metrics as metrics_lib
 from clfc_jax import postprocess
 from clfc_jax import predict
@@ -191,6 +192,23 @@ def choose_postprocessing(config, val_ids, case_prob) -> dict:
 def _write_rows(csv_path, rows) -> None:
   with store.atomic_write(csv_path) as tmp:
     stats.write_per_patient(tmp, rows)
+
+
+def evaluate_external(config, workdir, name: str, folder, fold: int) -> dict:
+  """Scores an external method's native-space predictions (e.g. nnUNetv2_predict outputs in
+  `folder`, one <case>.nii.gz per patient) of fold `fold`'s test patients, with the same
+  metrics, into WORKDIR/eval/<name>/fold<k>/ so that Table 1 compares it like our methods."""
+  wd = Workdir(workdir)
+  split = folds_lib.prepared_split(wd.prep, config, fold)
+  rows = external.score_folder(folder, wd.prep_cases, split['test'], config, method=name,
+                               fold=fold, pred_convention=config.report.get(
+                                   'external_convention', '') or None)
+  external.write_folder_scores(wd.eval_dir(name, fold), rows)
+  summary = {'method': name, 'fold': int(fold), 'folder': str(folder),
+             'n': len(next(iter(rows.values()), []))}
+  wt = rows.get('wt', next(iter(rows.values()), []))
+  summary.update({m: float(np.mean([r[m] for r in wt])) for m in stats.METRICS if wt})
+  return summary
 
 
 def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,

@@ -128,6 +128,17 @@ def score_folder(pred_dir, prep_cases_dir, case_ids: Sequence[str], config, *, m
   return rows
 
 
+def parse_methods(spec: str) -> dict:
+  """{name: folder} from config.report.external's 'name=FOLDER[,name=FOLDER]'."""
+  out = {}
+  for item in filter(None, (part.strip() for part in str(spec).split(','))):
+    name, sep, folder = item.partition('=')
+    if not sep or not name.strip() or not folder.strip():
+      raise ValueError(f'report.external: {item!r} is not name=FOLDER')
+    out[name.strip()] = Path(folder.strip()).expanduser()
+  return out
+
+
 def csv_name(region: str) -> str:
   """per_patient.csv for the whole tumour (the paper's table), per_patient_<region>.csv else."""
   return 'per_patient.csv' if region == 'wt' else f'per_patient_{region}.csv'

@@ -13,6 +13,7 @@ import time
 from absl import logging
 
 from clfc_jax import evaluate
+from clfc_jax import external
 from clfc_jax import pseudo_normal
 from clfc_jax.report import page as report_page
 from clfc_jax.train import introvae_trainer
@@ -119,15 +120,25 @@ def stage_train(config, wd: Workdir):
           for m in config.methods for k in folds_to_run(config)}
 
 
+def _external(config) -> dict:
+  return external.parse_methods(config.report.get('external', ''))
+
+
 def stage_evaluate(config, wd: Workdir):
-  """Scores every method's best checkpoint on its held-out fold, in native space."""
-  return {f'{m}/fold{k}': evaluate.evaluate_fold(default.method_config(config, m), wd.root, k)
-          for m in config.methods for k in folds_to_run(config)}
+  """Scores every method's best checkpoint on its held-out fold, in native space, and the
+  external predictions of config.report.external the same way."""
+  out = {f'{m}/fold{k}': evaluate.evaluate_fold(default.method_config(config, m), wd.root, k)
+         for m in config.methods for k in folds_to_run(config)}
+  for name, folder in _external(config).items():
+    for k in folds_to_run(config):
+      out[f'{name}/fold{k}'] = evaluate.evaluate_external(config, wd.root, name, folder, k)
+  return out
 
 
 def stage_report(config, wd: Workdir):
   """Table 1, Wilcoxon tests and figures under WORKDIR/report."""
-  return report_page.write_report(config, wd.root, list(config.methods), folds_to_run(config))
+  methods = list(config.methods) + list(_external(config))
+  return report_page.write_report(config, wd.root, methods, folds_to_run(config))
 
 
 _STAGE_FNS = {

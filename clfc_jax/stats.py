@@ -23,7 +23,7 @@ PER_PATIENT_COLUMNS = ('patient', 'dice', 'sensitivity', 'hd95', 'fold', 'method
 METRIC_SCALE = {'dice': 100.0, 'sensitivity': 100.0, 'hd95': 1.0}
 METRIC_HEADER = {'dice': 'Dice (%)', 'sensitivity': 'Sensitivity (%)', 'hd95': 'HD95 (mm)'}
 METHOD_NAMES = {'clfc': 'CLFC (ours)', 'baseline1': 'Baseline-1', 'baseline2': 'Baseline-2',
-                'unet': 'U-Net'}
+                'unet': 'U-Net', 'nnunet': 'nnU-Net'}
 
 
 def table1(per_patient: Mapping[str, Mapping[str, Sequence]], metrics=METRICS, ddof=1) -> list:

@@ -1,5 +1,6 @@
 """Native-space evaluation on a real (synthetic, 2 mm) prepared cohort with a tiny real segmenter."""
 import csv
+from pathlib import Path
 
 import jax
 import nibabel as nib
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from benchmarks import pipeline
-from clfc_jax import checkpoints, evaluate, metrics, predict, sharding
+from clfc_jax import checkpoints, evaluate, external, metrics, predict, sharding
+from clfc_jax.report import page as report_page
 from clfc_jax.train import steps as train
 from clfc_jax.workdir import Workdir
 from clfc_jax.models import segmenter
@@ -206,3 +208,28 @@ def test_anisotropic_reoriented_native_file_is_scored_in_its_own_axes(cohort, tm
   truth = np.asarray(native.dataobj) > 0
   assert scores == metrics.case_metrics(native_pred, truth, (2.0, 2.0, 4.0))
   assert scores['dice'] >= 0.85
+
+
+def test_external_predictions_become_a_table1_row_with_a_p_value(cohort, tmp_path):
+  """nnUNetv2_predict-style outputs (<case>.nii.gz on each native grid) are scored like our
+  methods and sit in Table 1 beside them, with their Wilcoxon p-value against CLFC."""
+  config, wd = cohort['config'], cohort['wd']
+  evaluate.evaluate_fold(config, wd.root, 0)   # CLFC's rows (resumed when already there)
+  folder = tmp_path / 'nnunet_preds'
+  folder.mkdir()
+  for case_id in cohort['split']['test']:
+    label = nib.load(store.load_prepared_meta(wd.prep_cases, case_id)['label_file'])
+    nib.save(nib.Nifti1Image((np.asarray(label.dataobj) > 0).astype(np.uint8), label.affine,
+                             label.header), folder / f'{case_id}.nii.gz')
+  summary = evaluate.evaluate_external(config, wd.root, 'nnunet', folder, 0)
+  assert summary['n'] == len(cohort['split']['test']) and summary['dice'] == pytest.approx(1.0)
+  paths = report_page.write_report(config, wd.root, ['clfc', 'nnunet'], [0], with_figures=False)
+  table = paths['table1_md'].read_text()
+  row = next(line for line in table.splitlines() if line.startswith('| nnU-Net'))
+  assert '| 100.00 ± 0.00 |' in row
+  assert table.splitlines()[0].endswith('| p (dice vs CLFC (ours)) |')
+  assert row.split('|')[-2].strip() != '—'   # a Wilcoxon cell, not the reference's dash
+  assert external.parse_methods(f'nnunet={folder}, other = /x') == {'nnunet': folder,
+                                                                    'other': Path('/x')}
+  with pytest.raises(ValueError, match='name=FOLDER'):
+    external.parse_methods('nnunet')

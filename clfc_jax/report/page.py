@@ -157,7 +157,9 @@ def section_segmentation_examples(ctx: ReportContext) -> str:
 
 
 def _clfc_methods(ctx) -> list:
-  return [m for m in ctx.methods if default.method_config(ctx.config, m).clfc.enabled]
+  """Our methods with a CLFC module (external rows, e.g. nnU-Net, have no networks here)."""
+  return [m for m in ctx.methods
+          if m in default.METHODS and default.method_config(ctx.config, m).clfc.enabled]
 
 
 def _network_outputs(ctx, method):
