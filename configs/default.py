@@ -41,6 +41,13 @@ def get_config():
   p.template_mask_threshold = 0.2   # MNI152 brain mask = GM + WM probability above this.
   p.mask_dilation_mm = 4.0   # template brain mask grown by this before it meets `image > 0`.
   p.scale_percentile = 99.5  # each modality is divided by this brain percentile (store.py).
+  # Normal cohort (IXI is not skull-stripped): 'refined' = the template brain refined on the T1
+  # (prepare.extract_brain); 'template' = the tumour cohort's rule (dilated template AND signal).
+  p.normal_brain_extraction = 'refined'
+  p.normal_brain_core_mm = 8.0     # template brain eroded by this: surely brain, the reference.
+  p.normal_brain_low = 0.25        # x the core's median T1: darker is bone / air (CSF ~0.35).
+  p.normal_brain_high = 1.5        # x the core's median T1: brighter is fat / marrow (WM ~1.2).
+  p.normal_brain_opening_mm = 2.0  # opening radius: cuts thin bridges from brain into the scalp.
   p.reg = r = ml_collections.ConfigDict()
   r.histogram_bins = 32      # Mattes mutual information.
   r.sampling_fraction = 0.05

@@ -19,6 +19,7 @@ import time
 from typing import Optional
 
 import numpy as np
+from scipy import ndimage as ndi
 import SimpleITK as sitk
 from tqdm import tqdm
 
@@ -83,6 +84,59 @@ def mni_space(config) -> MniSpace:
                     float(p.reg.spacing))
 
 
+# --- brain extraction for unstripped normal T1s ----------------------------------------------
+def _voxels(mm: float, spacing: float) -> int:
+  """`mm` in voxels of an isotropic `spacing` grid, at least one."""
+  return max(1, int(round(float(mm) / spacing)))
+
+
+def _ball(radius: int) -> np.ndarray:
+  """A ball structuring element of `radius` voxels."""
+  zz, yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1, -radius:radius + 1]
+  return zz ** 2 + yy ** 2 + xx ** 2 <= radius ** 2
+
+
+def extract_brain(t1: np.ndarray, template_brain: np.ndarray, reach: np.ndarray,
+                  config) -> np.ndarray:
+  """Brain mask of a T1 with its skull on, on the MNI crop grid: the template brain refined on
+  the image.
+
+  IXI is not skull-stripped while BraTS is. The tumour cohort's rule (dilated template brain
+  AND signal) would keep the skull, dura and scalp within the dilation, so the IntroVAE would
+  learn a bright/dark rim that no BraTS input has, and the T1 landmarks would count
+  non-brain voxels. Here: the eroded template brain is surely brain (its median intensity is
+  the tissue reference); within `reach` (the tumour cohort's dilated template brain, so both
+  cohorts' masks can reach equally far), brain is what lies between
+  normal_brain_low and normal_brain_high times that reference (bone and air are darker than
+  CSF; fat and marrow much brighter than WM), connected to the sure core through more than a
+  thin bridge, with enclosed holes (ventricles) filled. The mask only ever shrinks `reach`.
+  """
+  p = config.prep
+  spacing = float(p.spacing)
+  t1 = np.asarray(t1, np.float32)
+  template_brain = np.asarray(template_brain, bool)
+  core = ndi.binary_erosion(template_brain, _ball(_voxels(p.normal_brain_core_mm, spacing)))
+  if not core.any():
+    raise ValueError('brain extraction: the eroded template brain is empty '
+                     '(prep.normal_brain_core_mm too large for the grid)')
+  reference = float(np.median(t1[core]))
+  if not reference > 0:
+    raise ValueError('brain extraction: no signal in the template brain core '
+                     '(blank image or failed registration)')
+  tissue = np.asarray(reach, bool) & (t1 > p.normal_brain_low * reference) & (
+      t1 < p.normal_brain_high * reference)
+  # Opening cuts the thin bridges that partial volume leaves across the bone; the component
+  # holding the core is the brain; growing it back through tissue by the opening radius
+  # returns the cortex's edge that the opening shaved, without crossing the bone again.
+  radius = _voxels(p.normal_brain_opening_mm, spacing)
+  seed = ndi.binary_opening(tissue, _ball(radius)) | core
+  labels, _ = ndi.label(seed)
+  keep = np.unique(labels[core])
+  brain = np.isin(labels, keep[keep > 0])
+  brain = ndi.binary_dilation(brain, _ball(1), iterations=radius, mask=tissue | core)
+  return ndi.binary_fill_holes(brain)
+
+
 # --- one case --------------------------------------------------------------------------------
 def registration_modality(case: Case, config) -> str:
   d = config.dataset
@@ -141,10 +195,20 @@ def prepare_loaded(loaded: LoadedCase, config, *, seconds: Optional[dict] = None
   label = pull(loaded.label, 'nearest').astype(np.uint8) if loaded.label is not None else None
   healthy = pull(loaded.healthy_t1, 'linear') if loaded.healthy_t1 is not None else None
 
-  # Dilated template brain AND signal: skull-stripped inputs keep their own edge, unstripped
-  # ones lose the skull. The label never enters the mask: inputs must look the same whether
-  # or not a ground truth exists (test cases, new patients).
+  # Dilated template brain AND signal: skull-stripped inputs (BraTS) keep their own edge. An
+  # unstripped normal T1 (IXI) would keep the skull within the dilation, so normal cases get
+  # a real brain extraction. The label never enters the mask: inputs must look the same
+  # whether or not a ground truth exists (test cases, new patients).
   brain = space.dilated_brain & (images > 0).any(axis=0)
+  if case.group == 'normal' and p.normal_brain_extraction == 'refined':
+    try:
+      brain &= extract_brain(images[modalities.index(reg_name)], space.template_brain,
+                             space.dilated_brain, config)
+    except ValueError as e:
+      raise CaseError(where, str(e)) from None
+  elif p.normal_brain_extraction not in ('refined', 'template'):
+    raise ValueError(f'prep.normal_brain_extraction={p.normal_brain_extraction!r}; expected '
+                     "'refined' or 'template'")
   if not brain.any():
     raise CaseError(where, 'no brain voxel inside the MNI crop after registration')
   images *= brain

@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 from configs import demo
 from data_prep import prepare, readers, register, store, synthetic
@@ -174,3 +175,61 @@ def test_prepare_cohort_skips_bad_cases_and_resumes(cohort, tmp_path):
   # The prep folder may not be the folder of a user's input files.
   with pytest.raises(ValueError, match='input file'):
     prepare.prepare_cohort(good, config, Path(good[0].images['t1'].path).parent, progress=False)
+
+
+def _with_skull(path, folder, case_id='IXI901-SKL-0901'):
+  """The normal subject with its head on, as in an unstripped IXI T1: a dark shell of dura and
+  bone (0-5 mm outside the brain, above 0) and a bright one of marrow and scalp fat (5-10 mm)."""
+  img = nib.load(path)
+  data = np.asarray(img.dataobj, np.float32)
+  brain = data > 0
+  voxel = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+  outside = ndi.distance_transform_edt(~brain, sampling=voxel)
+  wm = np.percentile(data[brain], 90)
+  bone = (outside > 0) & (outside <= 5.0)
+  scalp = (outside > 5.0) & (outside <= 10.0)
+  data[bone] = 0.08 * wm
+  data[scalp] = 1.2 * wm
+  folder.mkdir(parents=True, exist_ok=True)
+  out = folder / f'{case_id}-T1.nii.gz'
+  nib.save(nib.Nifti1Image(data.astype(np.int16), img.affine), out)
+  return out, bone | scalp, img.affine
+
+
+def _to_crop(mask, affine, meta, config):
+  """A native mask on the prepared crop grid, through the case's own transform."""
+  canon = nib.as_closest_canonical(nib.Nifti1Image(mask.astype(np.uint8), affine))
+  moving = register.to_sitk(np.asarray(canon.dataobj), canon.affine)
+  pulled = register.resample(moving, prepare.mni_space(config).crop_grid,
+                             register.transform_from_meta(meta['transform']), 'nearest')
+  return sitk.GetArrayFromImage(pulled) > 0
+
+
+def test_normal_brain_extraction_drops_the_skull(cohort, prepared, tmp_path):
+  root, config, good, _, _ = cohort
+  (case,) = readers.find_normal_cases(root / 'IXI', config)
+  _, head, affine = _with_skull(case.images['t1'].path, tmp_path / 'IXI')
+  (skulled,) = readers.find_normal_cases(tmp_path / 'IXI', config)
+  old_config = demo.get_config()
+  old_config.prep.normal_brain_extraction = 'template'   # the tumour cohort's rule
+  assert config.prep.normal_brain_extraction == 'refined'
+  old = prepare.prepare_case(skulled, old_config)
+  new = prepare.prepare_case(skulled, config)
+  np.testing.assert_allclose(old.meta['transform']['mni_to_native_ras'],   # one alignment,
+                             new.meta['transform']['mni_to_native_ras'], atol=1e-6)  # two masks
+  brain_native = np.asarray(nib.load(case.images['t1'].path).dataobj) > 0
+  truth = _to_crop(brain_native, affine, new.meta, config)
+  # Skull and scalp more than a voxel away from the brain (its edge voxels are mixed).
+  skull = _to_crop(head, affine, new.meta, config) & ~ndi.binary_dilation(truth)
+  assert (old.brain & skull).sum() > 0.05 * old.brain.sum()
+  assert (new.brain & skull).sum() < 0.005 * new.brain.sum()
+  assert _dice(new.brain, truth) > 0.97 > 0.93 > _dice(old.brain, truth)
+  # The T1 landmarks are brain-only again: those of the same subject without its skull.
+  stripped = prepare.prepare_case(case, config)
+  landmarks = lambda pc: np.percentile(pc.modality('t1')[pc.brain], config.prep.hist.percentiles)
+  assert np.abs(landmarks(new) - landmarks(stripped)).max() < 0.05
+  assert np.abs(landmarks(old) - landmarks(stripped)).max() > 0.1
+  # Tumour cases keep the tumour cohort's rule, whatever the normal setting.
+  tumor_old = prepare.prepare_case(good[0], old_config)
+  np.testing.assert_array_equal(tumor_old.brain, prepared.brain)
+  np.testing.assert_allclose(tumor_old.images, prepared.images, atol=1e-5)
