@@ -8,8 +8,8 @@
 
 Exact resume and NaN stops: see train/loop.py (shared with the IntroVAE's loop).
 
-Multi-host: every process reads its own part of the training split, the global batch is
-sharded over the 'data' mesh axis; logs are written by process 0 only, while checkpoints are
+Multi-host: every process draws its own rows of each global batch (input_pipeline), the
+global batch is sharded over the 'data' mesh axis; logs are written by process 0 only, while checkpoints are
 written by every process together (orbax). Validation: every process predicts the WHOLE val
 split (no cross-host gather of per-patient volumes; val is ~10% of the training patients).
 """
