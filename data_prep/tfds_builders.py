@@ -3,7 +3,8 @@
 Both read prepared (MNI-space) cases from a prep folder (WORKDIR/prep) and write TFRecord
 shards under data_dir (WORKDIR/tfds), in process (no Beam). Examples are written in generation
 order (patient by patient, slice by slice; `disable_shuffling`), so shards are deterministic and
-evaluation reads slices in order; training shuffles in tf.data. Large tensors are zlib-encoded
+evaluation reads slices in order; training draws them at random (clfc_jax/input_pipeline.py,
+which reads the shards without TensorFlow). Large tensors are zlib-encoded
 (the masked background compresses to almost nothing) and images are stored as float16.
 
 The dataset a builder writes is named by everything that changes its content (see
