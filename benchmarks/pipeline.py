@@ -1,15 +1,19 @@
 """Input-pipeline throughput: slices/s of train_iterator (augmentation on) vs the step's demand.
 
-`python -m benchmarks.pipeline [--sizes=demo,full] [--seconds=20]` builds a toy prepared cohort
-(smooth random volumes with a bright blob as tumor, written in the prep format), its TFDS shards,
-and times `input_pipeline.train_iterator` at the demo size (96x80) and at 192x160, K=2.
-A train step consumes config.train.batch_size slices; the report says how many steps per
-second the pipeline could feed.
+`python -m benchmarks.pipeline [--sizes=demo,full] [--seconds=20] [--threads=N]` builds a toy
+prepared cohort (smooth random volumes with a bright blob as tumor, written in the prep format),
+its TFDS shards (TensorFlow writes them), and times `input_pipeline.train_iterator` (grain, no
+TensorFlow) at the demo size (96x80) and at 192x160, K=2, B=4: slices/s with `--threads`
+reader threads (default: every core), and slices per CPU-second of the whole process (every
+reader thread counted), the rate one core sustains. A train step consumes
+config.train.batch_size slices; the report says how many steps per second the pipeline could
+feed, next to the clfc step's demand (CLFC_STEP_DEMAND).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -18,9 +22,14 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from clfc_jax import input_pipeline
 from configs import default, demo
 from data_prep import optional
 from data_prep import store
+
+# Slices/s the clfc train step consumes at B=4, 192x160, K=2: on a GPU (the issue's figure) and
+# on this project's 2-core CPU (4 slices per 2.5 s step, README's Performance table).
+CLFC_STEP_DEMAND = {'gpu': 2000.0, 'cpu_2_cores': 4 / 2.5}
 
 
 def toy_prepared_cohort(prep_dir, *, num_cases=8, num_normal=0, z=12, hw=(32, 32),
@@ -73,24 +82,35 @@ def write_toy_pseudo_normals(prep_dir, out_dir, ids):
 
 
 def measure(config, data_dir, seconds: float, fold: int = 0) -> dict:
-  """Slices/s of train_iterator (after a warm-up batch), single process."""
+  """Slices/s of train_iterator (after a warm-up batch), single process, and slices per
+  CPU-second of this process (all its threads)."""
   batch = int(config.train.batch_size)
-  it = optional.input_pipeline().train_iterator(config, data_dir, fold, global_batch_size=batch,
+  it = input_pipeline.train_iterator(config, data_dir, fold, global_batch_size=batch,
                                      process_index=0, process_count=1, seed=0)
-  next(it)
-  n, start = 0, time.perf_counter()
-  while time.perf_counter() - start < seconds:
-    n += len(next(it)['slice'])
-  rate = n / (time.perf_counter() - start)
+  try:
+    next(it)
+    n, start, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - start < seconds:
+      n += len(next(it)['slice'])
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+  finally:
+    it.close()
+  rate = n / wall
   return {'slices_per_s': round(rate, 1), 'steps_per_s_fed': round(rate / batch, 2),
-          'batch': batch}
+          'slices_per_cpu_s': round(n / cpu, 1), 'batch': batch,
+          'read_threads': int(config.data.read_threads),
+          'vs_gpu_demand': round(rate / CLFC_STEP_DEMAND['gpu'], 3),
+          'vs_cpu_demand': round(rate / CLFC_STEP_DEMAND['cpu_2_cores'], 1),
+          'load_avg': round(os.getloadavg()[0], 2)}
 
 
-def run(sizes=('demo', 'full'), seconds: float = 20.0, num_cases: int = 6, z: int = 40) -> list:
+def run(sizes=('demo', 'full'), seconds: float = 20.0, num_cases: int = 6, z: int = 40,
+        threads: int = 0) -> list:
   results = []
   for size in sizes:
     config = demo.get_config() if size == 'demo' else default.get_config()
     config.data.num_folds = 3
+    config.data.read_threads = threads or os.cpu_count()
     config.train.batch_size = 4   # the paper's batch: the train step's demand per step.
     with tempfile.TemporaryDirectory() as tmp:
       print(f'pipeline: {size} size {tuple(config.prep.crop_hw)}: toy cohort and shards',
@@ -118,9 +138,10 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--sizes', default='demo,full')
   parser.add_argument('--seconds', type=float, default=20.0)
+  parser.add_argument('--threads', type=int, default=0, help='reader threads; 0: every core')
   parser.add_argument('--out', default='')
   args = parser.parse_args()
-  results = run(tuple(args.sizes.split(',')), args.seconds)
+  results = run(tuple(args.sizes.split(',')), args.seconds, threads=args.threads)
   if args.out:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

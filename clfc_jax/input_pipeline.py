@@ -1,37 +1,43 @@
-"""tf.data over the TFDS shards -> host-local numpy batches (TensorFlow ends here).
+"""The TFDS shards -> host-local numpy batches, without TensorFlow (grain over random access).
 
-The only clfc_jax module that imports TensorFlow; TF sees no GPU (JAX owns the accelerator).
-Batches follow ARCHITECTURE.md's contract: image float32 [B,H,W,M(2K+1)], normal float32
-[B,H,W,2K+1] (only when config.model.use_normal_net), label int32 [B,H,W], brain bool [B,H,W],
-patient bytes [B], slice int32 [B]; B is the process-local batch (global / process_count),
-ready for jax.make_array_from_process_local_data.
+The shards are read record by record through data_prep.tfrecord.ShardSource, so training runs
+on an accelerator machine that has JAX but not TensorFlow. Batches follow ARCHITECTURE.md's
+contract: image float32 [B,H,W,M(2K+1)], normal float32 [B,H,W,2K+1] (only when
+config.model.use_normal_net), label int32 [B,H,W], brain bool [B,H,W], patient bytes [B],
+slice int32 [B]; B is the process-local batch (global / process_count), ready for
+jax.make_array_from_process_local_data.
 
-Training draws tumor_slots(B) = B - round(B (1 - tumor_fraction)) samples of every batch
-(nnU-Net's rounding: 1 of 4, 2 of 6) from a tumor-only stream and the rest from all slices,
-and augments every sample with ONE set of random parameters for all its channels,
-pseudo-normal, label and brain.
-Randomness is stateless and seeded per sample (seed, process, stream, sample counter), so a
-run's batches are reproducible.
+Training sampling (the method's, nnU-Net's): sample j of the GLOBAL batch at step t is a pure
+function of (seed, t, j). Its Generator draws a patient uniformly, then one of that patient's
+slices uniformly, so every training patient is seen at the same rate whatever its number of
+slices; tumor_slots(global batch) slots, spread over the batch, draw among the patients with
+tumor slices and then among their tumor slices, so the tumor share holds for the global batch
+on any number of hosts. The same Generator then drives data_prep.augment. Process p computes
+only its contiguous part of the global batch, and no result depends on how many threads or
+worker processes compute it.
+
+Resume: the trainers build one iterator per epoch, seeded with run_log.epoch_seed(seed,
+epoch), and checkpoint at epoch ends, so the iterator state IS the epoch number that the
+checkpoint's `extra` holds; a resumed run sees exactly the batches of an uninterrupted one.
 """
 from __future__ import annotations
 
-import math
-from typing import Iterator
+import dataclasses
+import sys
+import types
+from pathlib import Path
+from typing import Iterator, Optional
 
+from absl import flags
+import grain
 import jax
 import numpy as np
-import tensorflow as tf
 
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:   # TF already initialised its devices elsewhere; it had no GPU to take.
-  pass
+from data_prep import augment
+from data_prep import shards
+from data_prep import tfrecord
 
-import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-from data_prep import tfds_builders  # pylint: disable=g-import-not-at-top
-
-_ENCODED = ('image', 'normal', 'label', 'brain')   # decoded after shuffling (small buffers).
+_ENDLESS = sys.maxsize // 2   # samples of an endless stream (grain's datasets have a length).
 
 
 def _processes(process_index, process_count):
@@ -43,14 +49,14 @@ def _processes(process_index, process_count):
   return int(process_index), int(process_count)
 
 
-def _process_split(split, process_index, process_count):
-  if process_count == 1:
-    return split
-  return tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+def _local_batch(global_batch: int, process_count: int) -> int:
+  if global_batch % process_count:
+    raise ValueError(f'global batch {global_batch} not divisible by {process_count} processes')
+  return global_batch // process_count
 
 
-def tumor_builder(config, data_dir, fold, with_pseudo_normal=None):
-  """The prepared TumorSlices builder to read, and whether batches carry `normal`.
+def tumor_dataset_dir(config, data_dir, fold, with_pseudo_normal=None):
+  """(the prepared TumorSlices version directory to read, whether batches carry `normal`).
 
   Networks with a normal-appearance branch need the pseudo-normal dataset; baseline1 reads
   whichever is prepared (pseudo-normal first).
@@ -59,189 +65,218 @@ def tumor_builder(config, data_dir, fold, with_pseudo_normal=None):
                 else bool(with_pseudo_normal))
   tried = []
   for pn in ((True,) if use_normal else (True, False)):
-    builder = tfds_builders.tumor_slices_builder(config, data_dir, fold, with_pseudo_normal=pn)
-    if builder.is_prepared():
-      return builder, use_normal
-    tried.append(builder.data_dir)
+    directory = shards.tumor_dir(config, data_dir, fold, with_pseudo_normal=pn)
+    if shards.is_built(directory):
+      return directory, use_normal
+    tried.append(str(directory))
   raise FileNotFoundError(f'{data_dir}: no TFDS shards for fold {fold} (looked for {tried}); '
                           'build them first (prep / pseudo_normal stage)')
 
 
 def num_examples(config, data_dir, fold, split, with_pseudo_normal=None) -> int:
-  builder, _ = tumor_builder(config, data_dir, fold, with_pseudo_normal)
-  return builder.info.splits[split].num_examples
+  """Examples of a split, from dataset_info.json (tfrecord.DatasetError if it has none)."""
+  directory, _ = tumor_dataset_dir(config, data_dir, fold, with_pseudo_normal)
+  return int(sum(tfrecord.split_files(directory, split)[1]))
 
 
-def _decode_fn(features, use_normal):
-  """Decodes the zlib tensors skipped at read time; casts to the batch contract's dtypes."""
-  def decode(ex):
-    out = {'image': tf.cast(features['image'].decode_example(ex['image']), tf.float32),
-           'label': tf.cast(features['label'].decode_example(ex['label']), tf.int32),
-           'brain': features['brain'].decode_example(ex['brain']),
-           'patient': ex['patient'], 'slice': ex['slice']}
-    if use_normal:
-      out['normal'] = tf.cast(features['normal'].decode_example(ex['normal']), tf.float32)
-    return out
-  return decode
+def _normal_dir(config, data_dir, fold) -> Path:
+  directory = shards.normal_slices_dir(config, data_dir, fold=fold)
+  if not shards.is_built(directory):
+    raise FileNotFoundError(f'{directory}: normal T1 slices not built yet (prep stage)')
+  return directory
 
 
-def _read(builder, split, *, shuffle_files, seed=None, cycle_length=1, encoded=_ENCODED):
-  """Reads a split; the `encoded` features stay serialized until _decode_fn (after shuffling)."""
-  # Shards are written in order (for evaluation); training reads them shuffled on purpose.
-  read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=cycle_length,
-                                enable_ordering_guard=not shuffle_files)
-  return builder.as_dataset(
-      split=split, shuffle_files=shuffle_files, read_config=read_config,
-      decoders={k: tfds.decode.SkipDecoding() for k in encoded})
+def num_normal_slices(config, data_dir, fold=0) -> int:
+  return int(sum(tfrecord.split_files(_normal_dir(config, data_dir, fold), 'train')[1]))
 
 
-# --- augmentation ------------------------------------------------------------------------------
+# --- sampling ----------------------------------------------------------------------------------
 
-def _affine_transform(angle, scale, h, w):
-  """ImageProjectiveTransform row mapping OUTPUT pixels to INPUT pixels: rotate+zoom about the
-  centre (angle in radians, scale > 1 enlarges)."""
-  cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
-  cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
-  a0, a1, b0, b1 = cos, sin, -sin, cos
-  a2 = cx - a0 * cx - a1 * cy
-  b2 = cy - b0 * cx - b1 * cy
-  zero = tf.zeros_like(cos)
-  return tf.cast(tf.stack([a0, a1, a2, b0, b1, b2, zero, zero])[None], tf.float32)
+def tumor_slots(global_batch: int, tumor_fraction: float) -> int:
+  """How many samples of a GLOBAL batch are drawn from tumor slices (nnU-Net's rounding:
+  1 of 4, 2 of 6, 3 of 8)."""
+  return global_batch - int(round(global_batch * (1.0 - tumor_fraction)))
 
 
-def _warp(x, transform, interpolation, fill_value):
-  h, w = x.shape[0], x.shape[1]
-  return tf.raw_ops.ImageProjectiveTransformV3(
-      images=x[None], transforms=transform, output_shape=tf.constant([h, w], tf.int32),
-      fill_value=tf.cast(fill_value, tf.float32), interpolation=interpolation,
-      fill_mode='CONSTANT')[0]
+def tumor_positions(global_batch: int, tumor_fraction: float) -> np.ndarray:
+  """bool [global batch]: the tumor slots, spread evenly (slot floor(i B / n) for i < n), so
+  processes holding contiguous parts of the batch share them as evenly as they can."""
+  n = tumor_slots(global_batch, tumor_fraction)
+  mask = np.zeros(global_batch, bool)
+  mask[[i * global_batch // n for i in range(n)]] = True
+  return mask
 
 
-def _gamma(x, gamma):
-  """x^gamma on each channel's own [min, max] range (works for [-1, 1] pseudo-normals too)."""
-  lo = tf.reduce_min(x, axis=(0, 1), keepdims=True)
-  hi = tf.reduce_max(x, axis=(0, 1), keepdims=True)
-  span = tf.maximum(hi - lo, 1e-6)
-  return lo + span * tf.pow((x - lo) / span, gamma)
+def sample_rng(seed: int, step: int, slot: int) -> np.random.Generator:
+  """The Generator of slot `slot` of the global batch at `step`: draws the sample, then its
+  augmentation."""
+  return np.random.default_rng([int(seed), int(step), int(slot)])
 
 
-def augment_example(ex, seed, aug):
-  """One random draw per sample, applied identically to image, normal, label and brain."""
-  seeds = tf.random.experimental.stateless_split(seed, 14)
+class PatientSampler:
+  """Record indices grouped by patient: draws a patient uniformly, then one of its records."""
 
-  def uniform(i, lo=0.0, hi=1.0):
-    return tf.random.stateless_uniform([], seeds[i], lo, hi)
+  def __init__(self, patients: np.ndarray, keep: Optional[np.ndarray] = None):
+    """patients: the patient of every record (a ShardSource column); keep: bool mask of the
+    records that may be drawn (e.g. tumor slices)."""
+    index = np.arange(len(patients)) if keep is None else np.flatnonzero(keep)
+    names, group, counts = np.unique(patients[index], return_inverse=True, return_counts=True)
+    self.patients = names                                    # sorted: order-independent.
+    self.records = index[np.argsort(group, kind='stable')]   # patient by patient, in file order.
+    self.counts = counts.astype(np.int64)
+    self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
 
-  dense = [ex['image']] + ([ex['normal']] if 'normal' in ex else [])
-  masks = tf.stack([tf.cast(ex['label'], tf.float32), tf.cast(ex['brain'], tf.float32)], -1)
+  def __len__(self) -> int:
+    return len(self.patients)
 
-  def when(condition, fn, args):
-    """fn(args) if condition else args; tf.cond keeps skipped ops off the CPU."""
-    return tf.cond(condition, lambda: fn(args), lambda: args)
+  def draw(self, rng: np.random.Generator) -> int:
+    p = rng.integers(len(self.counts))
+    return int(self.records[self.starts[p] + rng.integers(self.counts[p])])
 
-  for i, axis in enumerate((0, 1)):
-    dense, masks = when(uniform(i) < aug.flip_prob,
-                        lambda a, ax=axis: ([tf.reverse(x, [ax]) for x in a[0]],
-                                            tf.reverse(a[1], [ax])), (dense, masks))
 
-  max_rad = aug.rotate_deg * math.pi / 180.0
-  angle = tf.where(uniform(2) < aug.rotate_prob, uniform(3, -max_rad, max_rad), 0.0)
-  scale = tf.where(uniform(4) < aug.scale_prob,
-                   uniform(5, aug.scale_range[0], aug.scale_range[1]), 1.0)
-  h, w = masks.shape[0], masks.shape[1]
-
-  def warp_all(args):
-    # Pixels rotated in from outside take the corner (background) value of each channel:
-    # 0 for matched images, the background of the pseudo-normal's own range.
-    t = _affine_transform(angle, scale, h, w)
-    warped = [_warp(x - x[:1, :1], t, 'BILINEAR', 0.0) + x[:1, :1] for x in args[0]]
-    return warped, _warp(args[1], t, 'NEAREST', 0.0)
-
-  dense, masks = when(tf.logical_or(angle != 0.0, scale != 1.0), warp_all, (dense, masks))
-
-  gain = uniform(7, 1.0 - aug.intensity_scale, 1.0 + aug.intensity_scale)
-  shift = uniform(8, -aug.intensity_shift, aug.intensity_shift)
-  dense = when(uniform(6) < aug.intensity_prob, lambda a: [x * gain + shift for x in a], dense)
-  gamma = uniform(10, aug.gamma_range[0], aug.gamma_range[1])
-  dense = when(uniform(9) < aug.gamma_prob, lambda a: [_gamma(x, gamma) for x in a], dense)
-
-  def add_noise(a):
-    return [x + aug.noise_std * tf.random.stateless_normal(tf.shape(x), seeds[12 + j])
-            for j, x in enumerate(a)]
-
-  dense = when(uniform(11) < aug.noise_prob, add_noise, dense)
-
-  out = dict(ex)
-  out['image'] = dense[0]
-  if 'normal' in ex:
-    out['normal'] = dense[1]
-  out['label'] = tf.cast(tf.round(masks[..., 0]), tf.int32)
-  out['brain'] = masks[..., 1] > 0.5
+def _cast(ex: dict, use_normal: bool) -> dict:
+  """A decoded example in the batch contract's dtypes (float16 / uint8 on disk)."""
+  out = {'image': ex['image'].astype(np.float32), 'label': ex['label'].astype(np.int32),
+         'brain': ex['brain'].astype(bool), 'patient': bytes(ex['patient']),
+         'slice': np.int32(ex['slice'])}
+  if use_normal:
+    out['normal'] = ex['normal'].astype(np.float32)
   return out
+
+
+def stack_examples(examples) -> dict:
+  """grain batch_fn: arrays stacked, bytes as an object array (as tfds.as_numpy gives them)."""
+  out = {}
+  for key, first in examples[0].items():
+    if isinstance(first, bytes):
+      column = np.empty(len(examples), object)
+      column[:] = [ex[key] for ex in examples]
+      out[key] = column
+    else:
+      out[key] = np.stack([ex[key] for ex in examples])
+  return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _TrainSample:
+  """Local sample i -> the augmented example of its (step, global slot). Picklable, so grain
+  worker processes can run it."""
+  source: tfrecord.ShardSource
+  everything: PatientSampler
+  tumor: PatientSampler
+  is_tumor_slot: np.ndarray   # bool [global batch]
+  first_slot: int             # this process's first slot of the global batch
+  local_batch: int
+  seed: int
+  use_normal: bool
+  aug: types.SimpleNamespace
+  k: int
+  normal_index: int
+
+  def __call__(self, i: int) -> dict:
+    step, r = divmod(int(i), self.local_batch)
+    slot = self.first_slot + r
+    rng = sample_rng(self.seed, step, slot)
+    index = (self.tumor if self.is_tumor_slot[slot] else self.everything).draw(rng)
+    ex = _cast(self.source[index], self.use_normal)
+    return augment.augment_example(ex, rng, self.aug, self.k, normal_index=self.normal_index)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _NormalSample:
+  """Local sample i -> one normal T1 slice {'image': float32 [H, W, 1]}."""
+  source: tfrecord.ShardSource
+  sampler: PatientSampler
+  first_slot: int
+  local_batch: int
+  seed: int
+
+  def __call__(self, i: int) -> dict:
+    step, r = divmod(int(i), self.local_batch)
+    index = self.sampler.draw(sample_rng(self.seed, step, self.first_slot + r))
+    return {'image': self.source[index]['image'].astype(np.float32)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Read:
+  """Record i, cast (evaluation: no sampling, no augmentation)."""
+  source: tfrecord.ShardSource
+  use_normal: bool
+
+  def __call__(self, i: int) -> dict:
+    return _cast(self.source[int(i)], self.use_normal)
+
+
+def _batches(dataset: grain.MapDataset, batch: int, config, *,
+             drop_remainder: bool) -> Iterator[dict]:
+  """`dataset` batched, as a generator whose close() stops grain's threads and processes:
+  read_threads threads (in each of read_workers spawned processes, if any) prepare
+  read_prefetch batches ahead."""
+  d = config.data
+  workers = int(d.read_workers)
+  ds = dataset.batch(batch, drop_remainder=drop_remainder, batch_fn=stack_examples)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(d.read_threads),
+                                            prefetch_buffer_size=int(d.read_prefetch)))
+  if workers > 0:   # grain spawns them: no fork of a process running JAX.
+    if not flags.FLAGS.is_parsed():   # grain's workers read its absl flags (defaults here).
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=int(d.read_prefetch)))
+  it = iter(ds)
+  try:
+    for b in it:
+      # Workers hand batches over in shared memory: copied out, so it is freed at once.
+      yield {k: np.array(v) for k, v in b.items()} if workers > 0 else b
+  finally:
+    it.close()
+
+
+def _aug_namespace(aug) -> types.SimpleNamespace:
+  return types.SimpleNamespace(**aug.to_dict())
+
+
+def _normal_index(config) -> int:
+  mods = list(config.dataset.modalities)
+  nm = config.dataset.normal_modality
+  return mods.index(nm) if nm in mods else 0
 
 
 # --- iterators ---------------------------------------------------------------------------------
 
-def _stream(builder, split, use_normal, config, *, seed, stream_id, tumor_only, batch):
-  d = config.data
-  ds = _read(builder, split, shuffle_files=True, seed=seed + 7919 * stream_id,
-             cycle_length=d.interleave_cycle_length)
-  if tumor_only:
-    ds = ds.filter(lambda ex: ex['has_tumor'])
-  ds = ds.repeat().shuffle(d.shuffle_buffer, seed=seed + 7919 * stream_id)
-  ds = ds.map(_decode_fn(builder.info.features, use_normal), num_parallel_calls=tf.data.AUTOTUNE)
-  if d.augment.enabled:
-    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter()))
-    ds = ds.map(lambda ex, i: augment_example(
-        ex, tf.stack([tf.cast(seed * 4 + stream_id, tf.int64), i]), d.augment),
-                num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.batch(batch, drop_remainder=True)
+def train_iterator(config, data_dir, fold, *, global_batch_size, seed, process_index=None,
+                   process_count=None, with_pseudo_normal=None) -> Iterator[dict]:
+  """Endless augmented local batches of the fold's 'train' split (see the module docstring).
 
-
-def tumor_slots(local_batch: int, tumor_fraction: float) -> int:
-  """How many samples of a local batch come from the tumor stream (nnU-Net's rounding)."""
-  return local_batch - int(round(local_batch * (1.0 - tumor_fraction)))
-
-
-def train_iterator(config, data_dir, fold, *, global_batch_size, process_index=None,
-                   process_count=None, seed, with_pseudo_normal=None) -> Iterator[dict]:
-  """Endless shuffled, augmented local batches of the fold's 'train' split for this process.
-
-  The first tumor_slots(B) samples of each batch come from tumor slices, the rest from all.
+  Batch t of process p is rows [p B/P, (p+1) B/P) of global batch t, a pure function of
+  (seed, t); one iterator per epoch, seeded with run_log.epoch_seed, makes resumes exact.
   """
   process_index, process_count = _processes(process_index, process_count)
-  if global_batch_size % process_count:
-    raise ValueError(f'global batch {global_batch_size} not divisible by {process_count} '
-                     'processes')
-  local = global_batch_size // process_count
-  builder, use_normal = tumor_builder(config, data_dir, fold, with_pseudo_normal)
-  split = _process_split('train', process_index, process_count)
-  n_tumor = tumor_slots(local, config.data.tumor_fraction)
-  seed = int(seed) * 1009 + process_index
-  kwargs = dict(use_normal=use_normal, config=config, seed=seed)
-  parts = []
-  if n_tumor:
-    parts.append(_stream(builder, split, stream_id=1, tumor_only=True, batch=n_tumor, **kwargs))
-  if local - n_tumor:
-    parts.append(_stream(builder, split, stream_id=2, tumor_only=False, batch=local - n_tumor,
-                         **kwargs))
-  if len(parts) == 2:
-    ds = tf.data.Dataset.zip(tuple(parts)).map(
-        lambda a, b: {k: tf.concat([a[k], b[k]], 0) for k in a})
-  else:
-    ds = parts[0]
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  return _numpy_batches(ds, f'{builder.data_dir} split train (process {process_index})')
+  global_batch_size = int(global_batch_size)
+  local = _local_batch(global_batch_size, process_count)
+  directory, use_normal = tumor_dataset_dir(config, data_dir, fold, with_pseudo_normal)
+  source = tfrecord.ShardSource(directory, 'train')
+  patients = source.column('patient')
+  everything = PatientSampler(patients)
+  tumor = PatientSampler(patients, source.column('has_tumor'))
+  is_tumor = tumor_positions(global_batch_size, config.data.tumor_fraction)
+  if not len(everything) or (is_tumor.any() and not len(tumor)):
+    what = 'tumor slice' if len(everything) else 'slice'
+    raise ValueError(f'{directory} split train: no {what} to draw from')
+  sample = _TrainSample(
+      source=source, everything=everything, tumor=tumor, is_tumor_slot=is_tumor,
+      first_slot=process_index * local, local_batch=local, seed=int(seed),
+      use_normal=use_normal, aug=_aug_namespace(config.data.augment), k=int(config.data.k),
+      normal_index=_normal_index(config))
+  ds = grain.MapDataset.range(_ENDLESS).map(sample)
+  return _batches(ds, local, config, drop_remainder=True)
 
 
-def _numpy_batches(ds, where) -> Iterator[dict]:
-  first = True
-  for batch in ds.as_numpy_iterator():
-    first = False
-    yield batch
-  if first:
-    raise ValueError(f'{where}: no batch could be drawn (no tumor slice, or fewer slices than '
-                     'one batch)')
+def _even_part(n: int, process_index: int, process_count: int) -> tuple:
+  """[start, end) of process p's contiguous part of n examples (the first n % P get one more;
+  tfds.even_splits' rule)."""
+  per, extra = divmod(n, process_count)
+  start = per * process_index + min(process_index, extra)
+  return start, start + per + (process_index < extra)
 
 
 def eval_iterator(config, data_dir, fold, split, batch_size, *, process_index=0,
@@ -251,12 +286,13 @@ def eval_iterator(config, data_dir, fold, split, batch_size, *, process_index=0,
   The last batch is padded to `batch_size` (zeros, patient b'') and every batch carries
   `valid` bool [B]. Default: the whole split in this process.
   """
-  builder, use_normal = tumor_builder(config, data_dir, fold, with_pseudo_normal)
-  sub = _process_split(split, *_processes(process_index, process_count))
-  ds = _read(builder, sub, shuffle_files=False)
-  ds = ds.map(_decode_fn(builder.info.features, use_normal), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-  for batch in ds.as_numpy_iterator():
+  directory, use_normal = tumor_dataset_dir(config, data_dir, fold, with_pseudo_normal)
+  source = tfrecord.ShardSource(directory, split)
+  start, end = _even_part(len(source), *_processes(process_index, process_count))
+  if start == end:
+    return
+  ds = grain.MapDataset.range(start, end).map(_Read(source, use_normal))
+  for batch in _batches(ds, int(batch_size), config, drop_remainder=False):
     yield _pad(batch, batch_size)
 
 
@@ -274,31 +310,22 @@ def _pad(batch, batch_size):
   return out
 
 
-def num_normal_slices(config, data_dir, fold=0) -> int:
-  return tfds_builders.normal_t1_builder(config, data_dir, fold=fold).info.splits[
-      'train'].num_examples
-
-
 def normal_t1_iterator(config, data_dir, batch_size, seed, *, fold=0, process_index=None,
                        process_count=None) -> Iterator[dict]:
-  """Endless shuffled batches {'image': float32 [b, H, W, 1] in [-1, 1]} for the IntroVAE.
+  """Endless batches {'image': float32 [b, H, W, 1] in [-1, 1]} for the IntroVAE.
 
-  `batch_size` is global; each process gets batch_size / process_count of its own slices.
+  `batch_size` is global; sample j of step t draws a subject uniformly, then one of its
+  slices, from (seed, t, j); each process gets its contiguous batch_size / process_count rows.
   `fold` only matters in the no-normal-cohort fallback (the fold's training cases).
   """
   process_index, process_count = _processes(process_index, process_count)
-  if batch_size % process_count:
-    raise ValueError(f'batch {batch_size} not divisible by {process_count} processes')
-  builder = tfds_builders.normal_t1_builder(config, data_dir, fold=fold)
-  if not builder.is_prepared():
-    raise FileNotFoundError(f'{builder.data_dir}: normal T1 slices not built yet')
-  features = builder.info.features
-  seed = int(seed) * 1009 + process_index
-  ds = _read(builder, _process_split('train', process_index, process_count), shuffle_files=True,
-             seed=seed, cycle_length=config.data.interleave_cycle_length, encoded=('image',))
-  ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=seed)
-  ds = ds.map(lambda ex: {'image': tf.cast(features['image'].decode_example(ex['image']),
-                                           tf.float32)},
-              num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size // process_count, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _numpy_batches(ds, f'{builder.data_dir} (normal T1 slices)')
+  local = _local_batch(int(batch_size), process_count)
+  directory = _normal_dir(config, data_dir, fold)
+  source = tfrecord.ShardSource(directory, 'train')
+  sampler = PatientSampler(source.column('patient'))
+  if not len(sampler):
+    raise ValueError(f'{directory}: no normal T1 slice to draw from')
+  ds = grain.MapDataset.range(_ENDLESS).map(_NormalSample(
+      source=source, sampler=sampler, first_slot=process_index * local, local_batch=local,
+      seed=int(seed)))
+  return _batches(ds, local, config, drop_remainder=True)

@@ -72,11 +72,16 @@ def get_config():
   dd.num_folds = 5
   dd.val_fraction = 0.1      # of the training patients, for model selection.
   dd.split_seed = 42
-  dd.tumor_fraction = 1.0 / 3.0   # share of each batch drawn from slices containing tumor.
+  dd.tumor_fraction = 1.0 / 3.0   # share of each GLOBAL batch drawn from slices with tumor.
   dd.min_brain_fraction = 0.01    # slices with less brain than this are not written to shards.
   dd.tumor_free_margin = 3        # slices: normal-T1 fallback keeps slices this far from tumor.
-  dd.shuffle_buffer = 2048
-  dd.interleave_cycle_length = 4  # shard files the training pipeline reads in parallel.
+  # The reader (input_pipeline.py, grain): batches do not depend on these, only speed does.
+  # Augmentation (scipy.ndimage) holds the GIL, so threads mostly overlap reading with the
+  # step; more throughput (a GPU's demand) takes worker processes, about 35 slices/s each at
+  # 192x160, K=2, 4 modalities.
+  dd.read_threads = 2        # threads reading, decoding and augmenting batches ...
+  dd.read_workers = 0        # ... in each of this many spawned worker processes (0: in process).
+  dd.read_prefetch = 4       # batches prepared ahead (per worker).
   dd.augment = a = ml_collections.ConfigDict()
   a.enabled = True
   a.flip_prob = 0.5          # per in-plane axis.

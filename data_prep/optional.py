@@ -1,9 +1,10 @@
 """Heavy or optional libraries, imported on first use: the one place that imports lazily.
 
 TensorFlow is absent on accelerator machines (and slow to import), so the TFDS shard writer
-and the tf.data reader that stand on it load only when a stage needs them; nilearn (seconds to
-import) only when the MNI152 templates are read; scikit-learn and markdown-it only when the
-report draws its PCA or its page. A missing one gives an ImportError that says what needs it.
+that stands on it loads only when a stage writes shards (the reader, clfc_jax.input_pipeline,
+needs no TensorFlow and is imported normally); nilearn (seconds to import) only when the
+MNI152 templates are read; scikit-learn and markdown-it only when the report draws its PCA or
+its page. A missing one gives an ImportError that says what needs it.
 It sits in data_prep, the top row of the import graph, so every module can use it.
 """
 import functools
@@ -11,7 +12,6 @@ import importlib
 
 _NEEDED_FOR = {
     'data_prep.tfds_builders': 'writing the TFDS shards (prep and pseudo_normal stages)',
-    'clfc_jax.input_pipeline': 'reading the TFDS shards (train stage)',
     'nilearn.datasets': 'the MNI152 templates (registration, synthetic cohorts)',
     'sklearn.decomposition': "the report's feature PCA",
     'markdown_it': "the report's HTML page",
@@ -32,11 +32,6 @@ def load(module: str):
 def tfds_builders():
   """data_prep.tfds_builders: the TFDS builders (TensorFlow)."""
   return load('data_prep.tfds_builders')
-
-
-def input_pipeline():
-  """clfc_jax.input_pipeline: tf.data over the shards (TensorFlow)."""
-  return load('clfc_jax.input_pipeline')
 
 
 def nilearn_datasets():

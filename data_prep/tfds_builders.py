@@ -3,17 +3,17 @@
 Both read prepared (MNI-space) cases from a prep folder (WORKDIR/prep) and write TFRecord
 shards under data_dir (WORKDIR/tfds), in process (no Beam). Examples are written in generation
 order (patient by patient, slice by slice; `disable_shuffling`), so shards are deterministic and
-evaluation reads slices in order; training shuffles in tf.data. Large tensors are zlib-encoded
+evaluation reads slices in order; training draws them at random (clfc_jax/input_pipeline.py,
+which reads the shards without TensorFlow). Large tensors are zlib-encoded
 (the masked background compresses to almost nothing) and images are stored as float16.
 
-The dataset a builder writes is named by everything that changes its content (fold, K, crop,
-modalities, pseudo-normal or not, and a hash of the histogram / slice / fold settings), so a
-build with pseudo-normal stacks is a different dataset from one without and adding them later
-only rebuilds shards, not the registration.
+The dataset a builder writes is named by everything that changes its content (see
+data_prep/shards.py, which computes the names without TensorFlow for the readers), so a build
+with pseudo-normal stacks is a different dataset from one without and adding them later only
+rebuilds shards, not the registration.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -24,7 +24,7 @@ from scipy import ndimage
 import tensorflow_datasets as tfds
 
 from data_prep import folds as folds_lib
-from data_prep import inputs, normalize, prepare, readers, slices, store
+from data_prep import inputs, normalize, prepare, readers, shards, slices, store
 from data_prep.case import CaseError
 
 _ZLIB = tfds.features.Encoding.ZLIB
@@ -42,23 +42,6 @@ cohort folder as the manual dir (`download_config=tfds.download.DownloadConfig(m
 """
 
 
-def _fingerprint(values: dict) -> str:
-  return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def _hist_settings(config) -> dict:
-  h = config.prep.hist
-  return {'percentiles': list(h.percentiles), 'scale': list(h.scale),
-          'min_brain': float(config.data.min_brain_fraction), 'dataset': config.dataset.name,
-          'spacing': float(config.prep.spacing)}
-
-
-def _fold_settings(config) -> dict:
-  d = config.data
-  return {'num_folds': int(d.num_folds), 'val_fraction': float(d.val_fraction),
-          'split_seed': int(d.split_seed)}
-
-
 def _manual_cohort(dl_manager) -> Optional[Path]:
   """The manual dir if the user gave a non-empty one, else None."""
   try:
@@ -70,7 +53,7 @@ def _manual_cohort(dl_manager) -> Optional[Path]:
 class TumorSlices(tfds.core.GeneratorBasedBuilder):
   """Every brain-containing axial slice of every patient, as 2.5D stacks, split by fold."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version(shards.VERSION)
   RELEASE_NOTES = {'1.0.0': 'First version.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
@@ -87,12 +70,10 @@ class TumorSlices(tfds.core.GeneratorBasedBuilder):
     self._prep_dir = Path(prep_dir) if prep_dir else None
     self._pseudo_normal_dir = Path(pseudo_normal_dir) if pseudo_normal_dir else None
     h, w = self._crop_hw
-    settings = dict(_hist_settings(c), **_fold_settings(c), modalities=list(self._modalities),
-                    normal_modality=c.dataset.normal_modality)
-    name = (f'fold{self._fold}_k{self._k}_{h}x{w}_{"pn" if self._with_pseudo_normal else "nopn"}'
-            f'_{_fingerprint(settings)}')
+    settings = shards.tumor_settings(c)
     builder_config = tfds.core.BuilderConfig(
-        name=name, version=self.VERSION,
+        name=shards.tumor_config_name(c, self._fold, self._with_pseudo_normal),
+        version=self.VERSION,
         description=f'test fold {self._fold}, K={self._k}, {h}x{w}, modalities '
                     f'{",".join(self._modalities)}, pseudo-normal={self._with_pseudo_normal}; '
                     f'settings {json.dumps(settings, sort_keys=True)}')
@@ -186,14 +167,12 @@ class NormalT1Slices(tfds.core.GeneratorBasedBuilder):
   config.data.tumor_free_margin slices (used when there is no normal cohort).
   """
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version(shards.VERSION)
   RELEASE_NOTES = {'1.0.0': 'First version.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
   def __init__(self, *, app_config, source: str = 'normal', fold: int = 0, prep_dir=None,
                **kwargs):
-    if source not in ('normal', 'fallback'):
-      raise ValueError(f"source must be 'normal' or 'fallback', not {source!r}")
     c = app_config
     self._app_config = c
     self._source = source
@@ -202,13 +181,9 @@ class NormalT1Slices(tfds.core.GeneratorBasedBuilder):
     self._modality = c.dataset.normal_modality
     self._prep_dir = Path(prep_dir) if prep_dir else None
     h, w = self._crop_hw
-    settings = _hist_settings(c)
-    if source == 'fallback':
-      settings.update(_fold_settings(c), margin=int(c.data.tumor_free_margin))
-    where = 'normal' if source == 'normal' else f'fallback_fold{self._fold}'
-    name = f'{where}_{self._modality}_{h}x{w}_{_fingerprint(settings)}'
+    settings = shards.normal_settings(c, source)   # checks `source`.
     builder_config = tfds.core.BuilderConfig(
-        name=name, version=self.VERSION,
+        name=shards.normal_config_name(c, source, self._fold), version=self.VERSION,
         description=f'{source} {self._modality} slices, {h}x{w}; settings '
                     f'{json.dumps(settings, sort_keys=True)}')
     super().__init__(config=builder_config, **kwargs)
@@ -273,35 +248,22 @@ class NormalT1Slices(tfds.core.GeneratorBasedBuilder):
                                      'patient': case_id, 'slice': int(s)}
 
 
-def _default_dir(data_dir, name) -> Path:
-  return Path(data_dir).parent / name
-
-
 def tumor_slices_builder(config, data_dir, fold: int, *, with_pseudo_normal: bool,
                          prep_dir=None, pseudo_normal_dir=None) -> TumorSlices:
   """The fold's builder; prep_dir / pseudo_normal_dir default to data_dir's WORKDIR siblings."""
   return TumorSlices(app_config=config, fold=fold, with_pseudo_normal=with_pseudo_normal,
-                     prep_dir=prep_dir or _default_dir(data_dir, 'prep'),
-                     pseudo_normal_dir=pseudo_normal_dir or _default_dir(data_dir, 'pseudo_normal'),
+                     prep_dir=prep_dir or shards.default_dir(data_dir, 'prep'),
+                     pseudo_normal_dir=(pseudo_normal_dir or
+                                        shards.default_dir(data_dir, 'pseudo_normal')),
                      data_dir=str(data_dir))
-
-
-def normal_source(config, data_dir, prep_dir=None) -> str:
-  """'normal' when a normal cohort is prepared (or its slices are built), else 'fallback'."""
-  prep_dir = Path(prep_dir) if prep_dir else _default_dir(data_dir, 'prep')
-  if store.prepared_ids(prep_dir / store.NORMAL_DIR):
-    return 'normal'
-  probe = NormalT1Slices(app_config=config, source='normal', prep_dir=prep_dir,
-                         data_dir=str(data_dir))
-  return 'normal' if probe.is_prepared() else 'fallback'
 
 
 def normal_t1_builder(config, data_dir, *, fold: int = 0, prep_dir=None,
                       source: Optional[str] = None) -> NormalT1Slices:
   """The IntroVAE's slices: the normal cohort if there is one, else fold `fold`'s fallback."""
-  source = source or normal_source(config, data_dir, prep_dir)
+  source = source or shards.normal_source(config, data_dir, prep_dir)
   return NormalT1Slices(app_config=config, source=source, fold=fold,
-                        prep_dir=prep_dir or _default_dir(data_dir, 'prep'),
+                        prep_dir=prep_dir or shards.default_dir(data_dir, 'prep'),
                         data_dir=str(data_dir))
 
 

@@ -1,9 +1,10 @@
 """A real two-process jax.distributed training run on localhost CPUs (gloo collectives).
 
-Each process has one CPU device and reads its own half of the training split; the global
+Each process has one CPU device and draws its own half of every global batch; the global
 batch is sharded over both, so both must end with bitwise identical parameters. Subprocess
 timeouts turn a hang (a collective waiting for a peer) into a failure.
 """
+import contextlib
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.pipeline import toy_prepared_cohort
+from clfc_jax import input_pipeline, run_log
 from data_prep import tfds_builders
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,12 +79,27 @@ def test_processes_end_with_identical_parameters(two_process_run):
   assert all(f"params sha256 {results[0]['params_hash']}" in log for log in logs)
 
 
-def test_processes_read_disjoint_examples(two_process_run):
-  results, _, _ = two_process_run
-  seen = [{(p, s) for p, s, _ in r['read']} for r in results]
-  assert seen[0] and seen[1] and not seen[0] & seen[1]
+def test_processes_read_their_parts_of_one_global_batch(two_process_run):
+  """Each step, process 0 holds the first half of the global batch and process 1 the second:
+  together exactly what one process draws for the same epoch seeds (samples are drawn with
+  replacement, so the two halves may share a slice)."""
+  results, root, _ = two_process_run
+  import distributed_worker  # pylint: disable=g-import-not-at-top
+  c = distributed_worker.tiny_config(0, 0)
+  spe = int(c.train.steps_per_epoch)
   # 2 local rows per step, 2 epochs of 2 steps each.
   assert all(len(r['read']) == 2 * 4 for r in results)
+  for epoch in range(2):
+    it = input_pipeline.train_iterator(
+        c, root / 'tfds', 0, global_batch_size=int(c.train.batch_size),
+        seed=run_log.epoch_seed(c.seed, epoch), process_index=0, process_count=1)
+    with contextlib.closing(it):
+      for t in range(spe):
+        b = next(it)
+        want = [(p.decode(), int(s)) for p, s in zip(b['patient'], b['slice'])]
+        step = epoch * spe + t
+        got = [(p, s) for r in results for p, s, at in r['read'] if at == step]
+        assert got == want, step
 
 
 def test_only_process_zero_writes_logs(two_process_run):

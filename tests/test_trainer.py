@@ -4,6 +4,11 @@ baseline1 (no normal-appearance net) keeps XLA:CPU compiles short; the CLFC step
 tested in test_train_step.py. Steps compile once per process (the trainer caches them).
 """
 import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -18,6 +23,7 @@ from compiles import xla_compiles
 from tiny_configs import tiny_train_config
 
 FOLD = 0
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _run_dir(workdir, c):
@@ -199,3 +205,39 @@ def test_patient_dice_of_perfect_and_empty_predictions(data_dir):
   dice = trainer.patient_dice(c, data_dir, FOLD, empty, None, mesh)
   has_tumor = {p.decode() for (p, _), lab in truth.items() if lab.any()}
   assert has_tumor and all(dice[p] == 0.0 for p in has_tumor)
+
+
+_NO_TF_TRAIN = textwrap.dedent('''
+  import importlib.abc, sys
+  class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+      if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
+        raise ImportError(f'{name} is blocked in this test')
+  sys.meta_path.insert(0, NoTensorFlow())
+  # As where it is not installed: importlib.util.find_spec says None (etils asks it).
+  sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None
+  try:
+    import tensorflow
+    raise SystemExit('tensorflow imported')
+  except ImportError:
+    pass
+  from clfc_jax.train import trainer
+  from tiny_configs import tiny_train_config
+  c = tiny_train_config()
+  c.train.epochs, c.train.steps_per_epoch = 1, 2
+  summary = trainer.train_and_evaluate(c, sys.argv[2], 0, data_dir=sys.argv[1])
+  loaded = [m for m, module in sys.modules.items()
+            if module is not None and m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')]
+  assert not loaded, loaded
+  print('summary', summary['status'], summary['final_step'], summary['best_val_dice'] >= 0)
+''')
+
+
+def test_trains_where_tensorflow_cannot_be_imported(data_dir, tmp_path):
+  """The accelerator machine has JAX but no TensorFlow: the train stage must not need it."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / 'tests')]))
+  out = subprocess.run([sys.executable, '-c', _NO_TF_TRAIN, str(data_dir), str(tmp_path)],
+                       capture_output=True, text=True, cwd=REPO, env=env, check=False,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split()[-4:] == ['summary', 'done', '2', 'True']

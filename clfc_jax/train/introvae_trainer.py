@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from clfc_jax import checkpoints as checkpoints_lib
+from clfc_jax import input_pipeline
 from clfc_jax import plots
 from clfc_jax import run_log
 from clfc_jax import sharding as sharding_lib
@@ -34,7 +35,6 @@ from clfc_jax import workdir as workdir_lib
 from clfc_jax.train import introvae_steps
 from clfc_jax.train import loop
 from clfc_jax.train import steps as train_lib
-from data_prep import optional
 
 METRICS_NAME = run_log.METRICS_NAME
 SUMMARY_NAME = 'summary.json'
@@ -174,7 +174,7 @@ def sample_fn(config, num: int):
 def save_samples(config, wd, state, path: Path, fold: Optional[int] = None):
   """PNG grid: rows real normal slices, their μ-reconstructions, decoded prior samples."""
   n = max(int(config.introvae.num_samples), 1)
-  it = optional.input_pipeline().normal_t1_iterator(
+  it = input_pipeline.normal_t1_iterator(
       config, wd.tfds, n, epoch_seed(config.seed, -1), fold=_slices_fold(fold),
       process_index=0, process_count=1)
   with contextlib.closing(it):
@@ -235,7 +235,6 @@ def train_introvae(config, wd, fold: Optional[int] = None, *,
   """
   start_time = time.time()
   iv = config.introvae
-  reader = optional.input_pipeline()
   out_dir = wd.introvae_dir(fold)
   is_main = jax.process_index() == 0
   if is_main:
@@ -244,7 +243,7 @@ def train_introvae(config, wd, fold: Optional[int] = None, *,
   mesh = sharding_lib.make_mesh()
   slices_fold = _slices_fold(fold)
   batch = round_batch(iv.batch_size, mesh.devices.size)
-  num_slices = reader.num_normal_slices(config, wd.tfds, fold=slices_fold)
+  num_slices = input_pipeline.num_normal_slices(config, wd.tfds, fold=slices_fold)
   spe, epochs = steps_per_epoch(config, num_slices, batch), int(iv.epochs)
   step_fn = train_step_fn(config, mesh)
   ckpt = checkpoints_lib.Checkpointer(out_dir / 'checkpoints',
@@ -260,8 +259,9 @@ def train_introvae(config, wd, fold: Optional[int] = None, *,
     last_epoch = epochs if stop_after_epochs is None else min(
         epochs, first_epoch + int(stop_after_epochs))
     for epoch in range(first_epoch, last_epoch):
-      it = reader.normal_t1_iterator(config, wd.tfds, batch, epoch_seed(config.seed, epoch),
-                                     fold=slices_fold)
+      # The iterator's state is the epoch number, which the checkpoint's `extra` holds.
+      it = input_pipeline.normal_t1_iterator(config, wd.tfds, batch,
+                                             epoch_seed(config.seed, epoch), fold=slices_fold)
       with contextlib.closing(it):
         state, final = loop.run_epoch(
             step_fn, state, it, epoch=epoch, num_epochs=epochs, steps_per_epoch=spe,

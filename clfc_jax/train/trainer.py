@@ -8,8 +8,8 @@
 
 Exact resume and NaN stops: see train/loop.py (shared with the IntroVAE's loop).
 
-Multi-host: every process reads its own part of the training split, the global batch is
-sharded over the 'data' mesh axis; logs are written by process 0 only, while checkpoints are
+Multi-host: every process draws its own rows of each global batch (input_pipeline), the
+global batch is sharded over the 'data' mesh axis; logs are written by process 0 only, while checkpoints are
 written by every process together (orbax). Validation: every process predicts the WHOLE val
 split (no cross-host gather of per-patient volumes; val is ~10% of the training patients).
 """
@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from clfc_jax import checkpoints as checkpoints_lib
+from clfc_jax import input_pipeline
 from clfc_jax import metrics as metrics_lib
 from clfc_jax import run_log
 from clfc_jax import sharding as sharding_lib
@@ -36,7 +37,6 @@ from clfc_jax.train import loop
 from clfc_jax.train import steps as train_lib
 from clfc_jax import workdir as workdir_lib
 from clfc_jax.workdir import Workdir
-from data_prep import optional
 
 SUMMARY_NAME = 'summary.json'
 METRICS_NAME = run_log.METRICS_NAME
@@ -96,7 +96,7 @@ def patient_dice(config, data_dir, fold, eval_fn, variables, mesh, split='val') 
   """
   names = ('image', 'normal') if config.model.use_normal_net else ('image',)
   volumes = {}
-  for host in optional.input_pipeline().eval_iterator(
+  for host in input_pipeline.eval_iterator(
       config, data_dir, fold, split, int(config.train.val_batch_size), process_index=0,
       process_count=1):
     out = eval_fn(variables, sharding_lib.global_batch({k: host[k] for k in names}, mesh))
@@ -164,8 +164,8 @@ def _read_summary(path: Path):
 
 def _val_examples(config, data_dir, fold) -> int:
   try:
-    n = optional.input_pipeline().num_examples(config, data_dir, fold, 'val')
-  except (KeyError, ValueError):   # tfds: "Unknown split 'val'".
+    n = input_pipeline.num_examples(config, data_dir, fold, 'val')
+  except (KeyError, ValueError):   # tfrecord.DatasetError: no split 'val'.
     n = 0
   if not n:
     raise ValueError(f'{data_dir}: fold {fold} has no val split to select the model on '
@@ -252,9 +252,13 @@ def train_and_evaluate(config, workdir, fold: int, *, stop_after_epochs: Optiona
 
 def _train_epoch(config, data_dir, fold, train_fn, state, epoch, mesh, log, batch_hook,
                  out_dir, ckpt, is_main):
-  """One epoch of steps on the stream of `epoch_seed(config.seed, epoch)` (see loop.run_epoch)."""
+  """One epoch of steps on the stream of `epoch_seed(config.seed, epoch)` (see loop.run_epoch).
+
+  The iterator's whole state is the epoch number (its batches are a pure function of the
+  seed and the step within the epoch), which the checkpoint's `extra` holds.
+  """
   t = config.train
-  it = optional.input_pipeline().train_iterator(
+  it = input_pipeline.train_iterator(
       config, data_dir, fold, global_batch_size=int(t.batch_size),
       seed=epoch_seed(config.seed, epoch))
   with contextlib.closing(it):
