@@ -27,7 +27,6 @@ def tiny_config(epochs=1):
   c.dataset.modalities = MODS
   c.data.num_folds = 3
   c.data.val_fraction = 0.3
-  c.data.shuffle_buffer = 64
   c.introvae.channels = (8, 16)
   c.introvae.latent_dim = 16
   c.introvae.batch_size = 8

@@ -11,7 +11,6 @@ def tiny_train_config():
   c.data.k = 1
   c.data.num_folds = 3
   c.data.val_fraction = 0.25
-  c.data.shuffle_buffer = 32
   c.train.batch_size = 4
   c.train.val_batch_size = 8
   c.train.epochs = 2
