@@ -17,6 +17,8 @@ from benchmarks.pipeline import toy_prepared_cohort, write_toy_pseudo_normals
 from configs import default, demo
 from data_prep import tfds_builders, tfrecord
 
+import no_tensorflow
+
 MODS = ('t1', 'flair')
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,18 +167,8 @@ def test_pickles_without_its_files_and_reads_after_fork(built):
   _assert_same(source[0], first)
 
 
-_NO_TF = textwrap.dedent('''
-  import importlib.abc, sys, hashlib
-  class NoTensorFlow(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-      if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
-        raise ImportError(f'{name} is blocked in this test')
-  sys.meta_path.insert(0, NoTensorFlow())
-  try:
-    import tensorflow
-    raise SystemExit('tensorflow imported')
-  except ImportError:
-    pass
+_NO_TF = no_tensorflow.BLOCK_TENSORFLOW + textwrap.dedent('''
+  import hashlib
   from data_prep import tfrecord
   source = tfrecord.ShardSource(sys.argv[1], 'train', cache=False)
   digest = hashlib.sha256()
@@ -184,7 +176,8 @@ _NO_TF = textwrap.dedent('''
     for key, value in sorted(source[i].items()):
       digest.update(value if isinstance(value, bytes) else value.tobytes())
   digest.update(source.column('patient').astype(bytes).tobytes())
-  assert not any(m.split('.')[0] in ('tensorflow', 'tensorflow_datasets') for m in sys.modules)
+  assert not any(m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')
+                 for m, module in sys.modules.items() if module is not None)
   print(len(source), digest.hexdigest())
 ''')
 

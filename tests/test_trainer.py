@@ -22,6 +22,8 @@ from data_prep import tfds_builders
 from compiles import xla_compiles
 from tiny_configs import tiny_train_config
 
+import no_tensorflow
+
 FOLD = 0
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,20 +209,7 @@ def test_patient_dice_of_perfect_and_empty_predictions(data_dir):
   assert has_tumor and all(dice[p] == 0.0 for p in has_tumor)
 
 
-_NO_TF_TRAIN = textwrap.dedent('''
-  import importlib.abc, sys
-  class NoTensorFlow(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-      if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
-        raise ImportError(f'{name} is blocked in this test')
-  sys.meta_path.insert(0, NoTensorFlow())
-  # As where it is not installed: importlib.util.find_spec says None (etils asks it).
-  sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None
-  try:
-    import tensorflow
-    raise SystemExit('tensorflow imported')
-  except ImportError:
-    pass
+_NO_TF_TRAIN = no_tensorflow.BLOCK_TENSORFLOW + textwrap.dedent('''
   from clfc_jax.train import trainer
   from tiny_configs import tiny_train_config
   c = tiny_train_config()
