@@ -175,6 +175,15 @@ def get_config():
   iv.num_samples = 6          # slices per row of introvae/samples.png (real, reconstructed, sampled).
   iv.recon_batch_size = 32    # slices per jitted pseudo-normal reconstruction call (padded).
   iv.cheap_cpu_compile = False  # XLA:CPU -O0 compiles (tests, smoke runs).
+  # The pseudo-normal (clfc_jax.predict.reconstruct_volume): 'reconstruct' = Dec(μ(x)) (SPEC §6)
+  # | 'restore' = x̂ near x that the IntroVAE finds likely (introvae_steps.restore; beyond the
+  # paper): restore_steps proximal gradient steps of size restore_lr on −ELBO(x̂)/β + λ|x̂ − x|₁,
+  # λ = restore_weight ([-1,1] units: a pixel moves only where the prior pulls harder).
+  iv.inference = 'reconstruct'
+  iv.restore_steps = 20
+  iv.restore_lr = 0.5
+  iv.restore_weight = 0.2
+  iv.restore_through_model = True  # False: Dec(μ(x̂)) held constant per step (1 forward pass).
 
   # --- What is segmented and how labels read (data_prep/labels.py, metrics.lesion_wise) -------
   c.task = tk = ml_collections.ConfigDict()
