@@ -69,6 +69,17 @@ def run_variant(config, params, mesh, data, overrides):
   return rows, volumes, seconds
 
 
+def tumor_oracle_rows(data, volumes):
+  """Rows for the input outside the true tumour and `volumes` inside it: the best a restoration
+  that moves pixels towards those volumes can do (it would need to know the tumour). A bound,
+  not a method."""
+  rows = []
+  for (cid, unit, healthy, brain, label), v in zip(data, volumes):
+    pseudo = np.where(label > 0, v, unit)
+    rows.append(dict(case=cid, **fidelity.case_fidelity(pseudo, unit, healthy, brain, label)))
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--workdir', required=True)
@@ -76,6 +87,8 @@ def main():
                       help='JSON {name: {introvae key: value}}, run in this order')
   parser.add_argument('--noise-floor', type=float, required=True)
   parser.add_argument('--limit', type=int, default=None, help='first N cases only')
+  parser.add_argument('--oracle', action='store_true',
+                      help='also score each variant inside the true tumour only (a bound)')
   parser.add_argument('--out', default=None, help='folder for <variant>/rows.json, volumes.npz')
   args = parser.parse_args()
   config, params, mesh, wd, landmarks = load(args.workdir)
@@ -88,6 +101,13 @@ def main():
     record = {'variant': name, 'overrides': overrides, 'cases': len(data),
               'seconds': round(seconds, 1), 'summary': summary, 'verdict': line}
     print(json.dumps(record), flush=True)
+    if args.oracle:
+      oracle = fidelity.summarize(tumor_oracle_rows(data, volumes))
+      print(json.dumps({'variant': f'{name}: tumour-mask oracle', 'overrides': overrides,
+                        'cases': len(data), 'seconds': None, 'summary': oracle,
+                        'verdict': fidelity.verdict(oracle, noise_floor=args.noise_floor,
+                                                    healthy_factor=2.0, tumor_reduction=0.3)}),
+            flush=True)
     if args.out:
       out = Path(args.out) / name
       out.mkdir(parents=True, exist_ok=True)
