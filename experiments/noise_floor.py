@@ -79,17 +79,16 @@ def main():
     meta = pc.meta
     stored = Path(meta['files']['t1']).with_name(f'{case_id}_t1_healthy.nii.gz')
     number = int(case_id.split('_')[2]) - 1
-    seed = 0
-    subject = syn.make_tumor_subject(syn.subject_rng(seed, 'tumor', number),
-                                     float(config.synthetic.spacing))
+    seed = int(config.synthetic.seed)
+    spacing = float(config.synthetic.spacing)
+    subject = syn.make_tumor_subject(syn.subject_rng(seed, 'tumor', number), spacing)
     on_disk = np.asarray(nib.load(stored).dataobj)
     if not np.array_equal(on_disk, subject.healthy_t1):
       raise SystemExit(f'{stored}: generator {args.generator_rev} does not reproduce it')
     saved = syn.NOISE_STD
     syn.NOISE_STD = (0.0, 0.0)
     try:
-      clean_subject = syn.make_tumor_subject(syn.subject_rng(seed, 'tumor', number),
-                                             float(config.synthetic.spacing))
+      clean_subject = syn.make_tumor_subject(syn.subject_rng(seed, 'tumor', number), spacing)
     finally:
       syn.NOISE_STD = saved
     brain = pc.brain
@@ -109,7 +108,7 @@ def main():
                             1e-12), brain, landmarks, config), brain, config)
     healthy = fidelity.regions(brain, pc.label)['healthy']
     rows.append({'case': case_id,
-                 'noise_std_relative': round(float(subject_noise(syn, seed, number)), 4),
+                 'noise_std_relative': round(subject_noise(syn, seed, number, spacing), 4),
                  'mae_same_mapping': float(np.abs(noisy_unit - clean_unit)[healthy].mean()),
                  'mae_own_mapping': float(np.abs(noisy_unit - own)[healthy].mean()),
                  'std_same_mapping': float((noisy_unit - clean_unit)[healthy].std())})
@@ -118,10 +117,10 @@ def main():
   print(json.dumps({'cases': len(rows), 'mean': mean}))
 
 
-def subject_noise(syn, seed, number):
-  """The subject's drawn Rician sigma (relative to white matter): the rng's draw order."""
-  return syn._draw_subject(syn.subject_rng(seed, 'tumor', number),
-                           syn.brats_grid(2.0), syn.MODALITIES, 2.0).noise_std
+def subject_noise(syn, seed, number, spacing):
+  """The subject's drawn Rician sigma (relative to white matter), drawn as the generator does."""
+  return float(syn._draw_subject(syn.subject_rng(seed, 'tumor', number),
+                                 syn.brats_grid(spacing), syn.MODALITIES, spacing).noise_std)
 
 
 if __name__ == '__main__':
