@@ -6,6 +6,7 @@ clfc_jax.segment (big_vision style: evaluators receive predict functions, not ch
   segmenter_fns       a method's compiled eval (probability), attention and raw-output functions
   load_segmenter      a run's best checkpoint -> variables
   load_introvae       the frozen IntroVAE -> its parameters; reconstruct_volume -> pseudo-normal
+                      (Dec(μ) or the restoration, config.introvae.inference)
 
 Compiled functions are cached per (config, mesh) with functools.cache on hashable keys
 (ml_collections.FrozenConfigDict), since compiling dominates short runs.
@@ -140,13 +141,29 @@ def load_introvae(config, introvae_dir, mesh):
   return jax.device_put({'enc': enc, 'dec': dec}, sharding_lib.replicated(mesh))
 
 
-def reconstruct_volume(config, params, unit: np.ndarray, brain, mesh) -> np.ndarray:
-  """Dec(μ(x)) of every brain-containing axial slice of `unit` [Z,H,W] in [-1, 1]; -1 elsewhere.
+INFERENCE_MODES = ('reconstruct', 'restore')
 
-  Slices go through the jitted reconstruction in batches of introvae.recon_batch_size
-  (rounded up to the device count), split over the 'data' axis of `mesh`.
+
+def pseudo_normal_fn(config) -> Callable:
+  """The jitted `(enc, dec, images) -> pseudo-normal` of config.introvae.inference:
+  'reconstruct' Dec(μ(x)) (SPEC §6) or 'restore' (restoration under the IntroVAE prior). A
+  config saved before the setting existed reconstructs."""
+  mode = config.introvae.get('inference', 'reconstruct')
+  if mode == 'reconstruct':
+    return introvae_trainer.reconstruct_fn(config)
+  if mode == 'restore':
+    return introvae_trainer.restore_fn(config)
+  raise ValueError(f'introvae.inference={mode!r}; expected one of {INFERENCE_MODES}')
+
+
+def reconstruct_volume(config, params, unit: np.ndarray, brain, mesh) -> np.ndarray:
+  """The pseudo-normal of every brain-containing axial slice of `unit` [Z,H,W] in [-1, 1]
+  (config.introvae.inference: Dec(μ(x)) or the restoration); -1 elsewhere.
+
+  Slices go through the jitted function in batches of introvae.recon_batch_size (rounded up
+  to the device count), split over the 'data' axis of `mesh`.
   """
-  recon = introvae_trainer.reconstruct_fn(config)
+  recon = pseudo_normal_fn(config)
   out = np.full(unit.shape, -1.0, np.float32)
   idx = np.flatnonzero(np.asarray(brain).reshape(len(brain), -1).any(axis=1))
   if len(idx):

@@ -187,6 +187,18 @@ def get_config():
   iv.num_samples = 6          # slices per row of introvae/samples.png (real, reconstructed, sampled).
   iv.recon_batch_size = 32    # slices per jitted pseudo-normal reconstruction call (padded).
   iv.cheap_cpu_compile = False  # XLA:CPU -O0 compiles (tests, smoke runs).
+  # The pseudo-normal (clfc_jax.predict.reconstruct_volume): 'reconstruct' = Dec(μ(x)) (SPEC §6)
+  # | 'restore' = x̂ near x that the IntroVAE finds likely (introvae_steps.restore; beyond the
+  # paper): restore_steps proximal gradient steps of size restore_lr on −ELBO(x̂)/β + λ‖x̂ − x‖₁,
+  # λ = restore_weight in [-1,1] units (a pixel leaves the input only where the prior pulls
+  # harder). Measured on the demo (experiments/restore_results.md): λ = 0.5 keeps healthy tissue
+  # within 2x the noise floor; the full gradient (restore_through_model) was worse and ~7x
+  # slower per step, and steps beyond the first (η = 1) changed nothing.
+  iv.inference = 'reconstruct'
+  iv.restore_steps = 1
+  iv.restore_lr = 1.0
+  iv.restore_weight = 0.5
+  iv.restore_through_model = False  # True: differentiate through Dec∘μ and the KL.
 
   # --- What is segmented and how labels read (data_prep/labels.py, metrics.lesion_wise) -------
   c.task = tk = ml_collections.ConfigDict()

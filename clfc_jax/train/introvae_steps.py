@@ -215,6 +215,72 @@ def reconstruct(enc_params, dec_params, images, config):
   return jnp.clip(decoder.apply({'params': dec_params}, mu), -1.0, 1.0)
 
 
+def soft_threshold(values, threshold):
+  """The proximal map of threshold·|·|: shrinks each value towards 0 by `threshold`."""
+  return jnp.sign(values) * jax.nn.relu(jnp.abs(values) - threshold)
+
+
+def restoration_prior(enc_params, dec_params, restored, config, through_model=True):
+  """The smooth part of the restoration energy, per slice [B]: [KL(μ, σ) + β L_AE] / β of
+  `restored` under the frozen IntroVAE, with x_r = Dec(μ) (deterministic).
+
+  through_model=False holds Dec(μ(x̂)) and the KL constant for differentiation: the gradient is
+  then x̂ − Dec(μ(x̂)), the data step of a block descent that alternates z = μ(x̂) (amortised
+  inference) and the x̂ minimising ½‖x̂ − Dec(z)‖² + λ‖x̂ − x‖₁.
+  """
+  encoder, decoder = introvae_model.build(config, restored.shape[1:3])
+  mu, logvar = encoder.apply({'params': enc_params}, restored)
+  rec = decoder.apply({'params': dec_params}, mu)
+  kl = kl_divergence(mu, logvar) / config.introvae.beta
+  if not through_model:
+    rec, kl = jax.lax.stop_gradient(rec), jax.lax.stop_gradient(kl)
+  return kl + reconstruction_error(restored, rec)
+
+
+def restore(enc_params, dec_params, images, config):
+  """A pseudo-normal by restoration under the IntroVAE prior (You et al., MIDL 2019): the slice
+  x̂ near the input x that the frozen IntroVAE finds likely, for [B,H,W,1] slices in [-1,1].
+
+      x̂ = argmin  E(x̂),   E(x̂) = [KL(μ(x̂), σ(x̂)) + β L_AE(x̂, Dec(μ(x̂)))] / β + λ Σ_pixels |x̂ − x|
+
+  The bracket is the IntroVAE's own −ELBO (its KL and β, L_AE = ½ Σ_pixels (x̂ − x_r)², the
+  training losses' reductions), λ = introvae.restore_weight. Proximal gradient descent from
+  x̂ = x, introvae.restore_steps times: an optax SGD step of size η = restore_lr on the bracket,
+  then the L1 term's exact proximal map, a soft threshold of x̂ − x by η·λ. So a pixel leaves the
+  input only where the prior pulls harder than λ: healthy tissue the model explains stays bit
+  for bit (the residual is sparse), a lesion it cannot explain moves towards normal appearance.
+  introvae.restore_through_model: differentiate through Dec∘μ and the KL (the full gradient),
+  or hold them constant per step (restoration_prior; with η = 1 each step is then the exact
+  x̂-minimiser for z = μ(x̂), x̂ = x + S_λ(Dec(z) − x), and costs one forward pass, not three).
+
+  Scale: dividing the −ELBO by β leaves L_AE and the L1 term both plain sums over pixels, so
+  each pixel's gradient is O(1) whatever H×W is, and η (a step in [-1,1] units) and λ (a
+  threshold in [-1,1] units) hold at 96x80 and 192x160 alike. The KL is one number per slice;
+  its pull on each pixel weakens with H×W exactly as in the model's own training loss, so it
+  keeps the KL : β L_AE balance the model was trained with at its size.
+
+  Goes beyond the paper (SPEC §6: inference uses μ, i.e. `reconstruct`), because a vector-latent
+  VAE alone returns a blurred mean brain. Returns x̂ clipped to [-1,1]; the caller masks the
+  brain. Deterministic. Jit with config bound (introvae_trainer.restore_fn).
+  """
+  iv = config.introvae
+  x = jnp.asarray(images, jnp.float32)
+  threshold = float(iv.restore_lr) * float(iv.restore_weight)
+  tx = optax.sgd(float(iv.restore_lr))
+  through = bool(iv.restore_through_model)
+  grad_fn = jax.grad(lambda r: jnp.sum(
+      restoration_prior(enc_params, dec_params, r, config, through)))
+
+  def step(_, carry):
+    restored, opt_state = carry
+    updates, opt_state = tx.update(grad_fn(restored), opt_state, restored)
+    moved = optax.apply_updates(restored, updates)
+    return x + soft_threshold(moved - x, threshold), opt_state
+
+  restored, _ = jax.lax.fori_loop(0, int(iv.restore_steps), step, (x, tx.init(x)))
+  return jnp.clip(restored, -1.0, 1.0)
+
+
 def sample(dec_params, config, image_hw, rng, num):
   """`num` decoded prior samples [num,H,W,1] (for the training stage's sample grids)."""
   _, decoder = introvae_model.build(config, image_hw)

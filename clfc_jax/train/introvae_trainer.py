@@ -159,6 +159,18 @@ def reconstruct_fn(config):
 
 
 @functools.cache
+def _jitted_restore(model: ml_collections.FrozenConfigDict, options_key):
+  return jax.jit(functools.partial(introvae_steps.restore, config=model.as_configdict()),
+                 compiler_options=dict(options_key) if options_key else None)
+
+
+def restore_fn(config):
+  """Jitted `(enc_params, dec_params, images) -> x̂`, the restoration under the IntroVAE prior
+  (introvae_steps.restore with config.introvae.restore_*), one per model and setting."""
+  return _jitted_restore(model_config(config), _options_key(inference_options(config)))
+
+
+@functools.cache
 def _jitted_sample(model: ml_collections.FrozenConfigDict, hw: tuple, num: int, options_key):
   return jax.jit(functools.partial(introvae_steps.sample, config=model.as_configdict(),
                                    image_hw=hw, num=num),
