@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from tqdm import tqdm
 
+from clfc_jax import fidelity
 from clfc_jax import predict
 from clfc_jax import sharding as sharding_lib
 from clfc_jax import workdir as workdir_lib
@@ -105,37 +106,18 @@ def make_pseudo_normals(config, wd, key: Optional[int] = None, *, build_shards: 
 
 # --- fidelity -------------------------------------------------------------------------------------
 
-_FIDELITY_FIELDS = ('mae_tumor_pseudo', 'mae_tumor_input', 'mae_normal_pseudo',
-                    'mae_normal_input')
-
-
-def case_fidelity(pseudo, tumor_unit, healthy_unit, brain, label) -> dict:
-  """MAE vs the healthy T1 inside the tumor (label > 0) and in the rest of the brain.
-
-  `*_pseudo` compares the pseudo-normal T1, `*_input` the tumor T1 the IntroVAE was given;
-  the pseudo-normal should be the closer of the two inside the tumor.
-  """
-  brain = np.asarray(brain, bool)
-  tumor = brain & (np.asarray(label) > 0)
-  normal = brain & ~tumor
-
-  def mae(a, region):
-    return float(np.mean(np.abs(a[region] - healthy_unit[region]))) if region.any() else None
-
-  return {'tumor_voxels': int(tumor.sum()), 'normal_voxels': int(normal.sum()),
-          'mae_tumor_pseudo': mae(pseudo, tumor), 'mae_tumor_input': mae(tumor_unit, tumor),
-          'mae_normal_pseudo': mae(pseudo, normal), 'mae_normal_input': mae(tumor_unit, normal)}
-
-
 def fidelity_report(config, wd, landmarks, key: Optional[int] = None) -> dict:
   """fidelity.{json,md} of IntroVAE `key`'s pseudo-normals (wd.pseudo_normal_dir(key)) over the
-  cases with a known healthy T1.
+  cases with a known healthy T1 (synthetic cohorts): MAE and SSIM in healthy tissue and inside
+  the tumour, of the pseudo-normal and of the input T1, each against the healthy T1
+  (clfc_jax.fidelity), per case and mean, and a verdict line against config.fidelity's targets.
 
   Each healthy T1 is matched and scaled exactly like the tumor T1. Returns the JSON record:
-  {cases: [per case], mean: {field: mean over cases}, pseudo_closer_in_tumor: count, n}.
+  {cases: [per case], n, cases_with_tumor, tumor_closer, tumor_reduction, mean, verdict}.
   """
   out_dir = wd.pseudo_normal_dir(key)
   modality = config.dataset.normal_modality
+  f = config.fidelity
   rows = []
   for case_id in store.prepared_ids(wd.prep_cases):
     with np.load(Path(wd.prep_cases) / f'{case_id}.npz') as z:
@@ -148,19 +130,15 @@ def fidelity_report(config, wd, landmarks, key: Optional[int] = None) -> dict:
     pseudo = inputs.load_pseudo_normal(path, pc.brain.shape)
     tumor_unit = inputs.unit_t1(pc.modality(modality), pc.brain, landmarks, config)
     healthy_unit = inputs.unit_t1(pc.healthy_t1, pc.brain, landmarks, config)
-    rows.append(dict(case=case_id, **case_fidelity(pseudo, tumor_unit, healthy_unit, pc.brain,
-                                                   pc.label)))
-  mean = {}
-  for field in _FIDELITY_FIELDS:
-    values = [r[field] for r in rows if r[field] is not None]
-    mean[field] = float(np.mean(values)) if values else None
-  closer = sum(1 for r in rows if r['mae_tumor_pseudo'] is not None and
-               r['mae_tumor_pseudo'] < r['mae_tumor_input'])
-  with_tumor = sum(1 for r in rows if r['mae_tumor_pseudo'] is not None)
-  record = {'n': len(rows), 'cases_with_tumor': with_tumor, 'pseudo_closer_in_tumor': closer,
-            'mean': mean, 'cases': rows,
-            'note': 'MAE in [-1, 1] units vs the healthy T1 (matched and scaled like the '
-                    'IntroVAE input); *_input: the tumor T1 itself, the reference point.'}
+    rows.append(dict(case=case_id, **fidelity.case_fidelity(
+        pseudo, tumor_unit, healthy_unit, pc.brain, pc.label, ssim_sigma=tuple(f.ssim_sigma))))
+  record = dict(fidelity.summarize(rows), cases=rows)
+  record['verdict'] = (fidelity.verdict(record, noise_floor=f.noise_floor,
+                                        healthy_factor=f.healthy_factor,
+                                        tumor_reduction=f.tumor_reduction)
+                       if rows else 'no case with a known healthy T1')
+  record['note'] = ('[-1, 1] units, against the healthy T1 (matched and scaled like the IntroVAE '
+                    'input); *_input: the tumor T1 itself, the reference point.')
   store.write_text(out_dir / f'{FIDELITY_NAME}.json', json.dumps(record, indent=1))
   store.write_text(out_dir / f'{FIDELITY_NAME}.md', _fidelity_markdown(record))
   return record
@@ -168,19 +146,16 @@ def fidelity_report(config, wd, landmarks, key: Optional[int] = None) -> dict:
 
 def _fidelity_markdown(record) -> str:
   fmt = lambda v: '–' if v is None else f'{v:.4f}'
+  fields = fidelity.FIELDS
   lines = ['# Pseudo-normal fidelity', '',
-           'Mean absolute error against the healthy T1 (synthetic cases; [-1, 1] units). '
-           '"input" is the tumor T1 the IntroVAE was given: inside the tumor, the '
-           'pseudo-normal should be closer to the healthy T1 than the input is.', '',
-           f'Cases: {record["n"]}; pseudo-normal closer inside the tumor in '
-           f'{record["pseudo_closer_in_tumor"]} of {record["cases_with_tumor"]}.', '',
-           '| case | tumor voxels | tumor: pseudo | tumor: input | normal: pseudo | '
-           'normal: input |', '|---|---:|---:|---:|---:|---:|']
+           'MAE and SSIM against the healthy T1 (synthetic cases; [-1, 1] units), in healthy '
+           'tissue and inside the tumour, of the pseudo-normal and of the input (the tumour T1 '
+           'the IntroVAE was given): inside the tumour the pseudo-normal should be the closer.',
+           '', f'**{record["verdict"]}**', '',
+           '| case | ' + ' | '.join(fields) + ' |', '|---|' + '---:|' * len(fields)]
   for r in record['cases']:
-    lines.append(f'| {r["case"]} | {r["tumor_voxels"]} | ' +
-                 ' | '.join(fmt(r[f]) for f in _FIDELITY_FIELDS) + ' |')
-  lines.append('| **mean** | | ' + ' | '.join(fmt(record['mean'][f]) for f in _FIDELITY_FIELDS)
-               + ' |')
+    lines.append(f'| {r["case"]} | ' + ' | '.join(fmt(r[k]) for k in fields) + ' |')
+  lines.append('| **mean** | ' + ' | '.join(fmt(record['mean'][k]) for k in fields) + ' |')
   return '\n'.join(lines) + '\n'
 
 

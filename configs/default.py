@@ -210,6 +210,15 @@ def get_config():
   ls.min_volume_mm3 = 50.0   # GT lesions of at most this volume are ignored.
   ls.miss_hd95_mm = 374.0    # HD95 of a missed GT lesion or a false-positive lesion.
 
+  # The pseudo-normal fidelity report (clfc_jax.fidelity; synthetic cohorts know the healthy T1).
+  c.fidelity = fi = ml_collections.ConfigDict()
+  fi.noise_floor = 0.0248    # healthy-tissue MAE of the noisy vs noise-free healthy T1 of a demo
+                             # cohort, [-1, 1] units (experiments/noise_floor.py; re-measure for
+                             # another generator or profile).
+  fi.healthy_factor = 2.0    # target: healthy-tissue MAE <= this x the noise floor (issue 12)
+  fi.tumor_reduction = 0.3   # target: tumour MAE >= 30% below the input's, closer in every case
+  fi.ssim_sigma = (0.0, 1.5, 1.5)   # Gaussian SSIM window, voxels (Z, H, W): slice by slice
+
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 32          # slices per jitted prediction call.
   e.tta = False              # mirroring test-time augmentation.
