@@ -173,8 +173,12 @@ def get_config():
   iv.alpha = 0.5
   iv.beta = 0.04
   iv.margin = 120.0
-  iv.lr_encoder = 1e-4
-  iv.lr_decoder = 5e-3
+  # Adam 2e-4 for both networks (Huang et al. 2018). The paper's 1e-4 / 5e-3 are SGD rates:
+  # under Adam the decoder at 5e-3 is unstable (clfc_jax/train/introvae_steps.py, issue 12).
+  iv.lr_encoder = 2e-4
+  iv.lr_decoder = 2e-4
+  iv.adam_b1 = 0.9
+  iv.adam_b2 = 0.999
   iv.batch_size = 120
   iv.epochs = 200
   iv.steps_per_epoch = 0     # 0 = one pass over the normal slices.

@@ -30,3 +30,13 @@ def test_brats_runs_the_papers_five_folds_by_default():
   c = brats.get_config()
   assert c.fold == -1 and c.data.num_folds == 5
   assert brats.get_config('baseline2').fold == -1
+
+
+def test_demo_study_variant_runs_the_protocol_at_study_size():
+  """`configs/demo.py:study`: every fold, every method, >= 60 tumour patients, else the demo."""
+  from configs import demo
+  study, base = demo.get_config('study'), demo.get_config()
+  assert study.fold == -1 and study.synthetic.tumor_cases >= 60
+  assert study.method == 'clfc' and set(study.methods) == {'clfc', 'baseline1', 'baseline2'}
+  assert study.train.to_dict() == base.train.to_dict()
+  assert demo.get_config('baseline2').method == 'baseline2'

@@ -296,3 +296,40 @@ def test_pseudo_normal_fn_follows_the_inference_setting():
   config.introvae.inference = 'inpaint'
   with pytest.raises(ValueError, match="introvae.inference='inpaint'"):
     predict.pseudo_normal_fn(config)
+
+
+# --- The loss balance and the optimiser (issue 12) ---------------------------------------------
+
+def test_beta_is_a_per_pixel_gaussian_precision_at_any_size():
+  """β L_AE = −log N(x; x_r, σ²) per slice (σ = 1/√β) up to its constant, and a slice twice
+  the size with the same per-pixel errors costs exactly 4x: β needs no per-size factor."""
+  from scipy import stats
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (2, 8, 6, 1)).astype(np.float32)
+  x_r = (x + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+  beta = 100.0
+  rec = np.asarray(introvae_train.reconstruction_error(jnp.asarray(x), jnp.asarray(x_r)))
+  sigma = beta ** -0.5
+  nll = -stats.norm.logpdf(x, loc=x_r, scale=sigma).sum(axis=(1, 2, 3))
+  constant = x[0].size * np.log(sigma * np.sqrt(2 * np.pi))
+  np.testing.assert_allclose(beta * rec, nll - constant, rtol=1e-4)
+  big = lambda a: jnp.asarray(np.repeat(np.repeat(a, 2, axis=1), 2, axis=2))
+  np.testing.assert_allclose(introvae_train.reconstruction_error(big(x), big(x_r)), 4 * rec,
+                             rtol=1e-5)
+
+
+def test_both_networks_use_adam_at_one_rate_from_the_config():
+  """Huang et al.'s Adam 2e-4 for encoder and decoder (not the paper's SGD rates 1e-4 / 5e-3):
+  the first Adam step moves every parameter by about the learning rate, whatever the loss
+  scale, so the same rate serves 96x80 and 192x160 slices."""
+  c = default.get_config()
+  assert c.introvae.lr_encoder == c.introvae.lr_decoder == 2e-4
+  config = tiny_config()
+  config.introvae.lr_encoder = config.introvae.lr_decoder = 1e-3
+  images = brain_like_slices(4, hw=16)
+  state = introvae_train.create_state(config, jax.random.PRNGKey(0), images.shape)
+  for tx, params in ((state.enc_tx, state.enc_params), (state.dec_tx, state.dec_params)):
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e6), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    step = np.concatenate([np.abs(np.ravel(u)) for u in jax.tree.leaves(updates)])
+    np.testing.assert_allclose(step, 1e-3, rtol=1e-3)
