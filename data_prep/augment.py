@@ -124,12 +124,27 @@ def _source_coords(shape, angle_deg, zoom):
 
 
 def _warp_dense(x, coords):
-  """Bilinear warp of every channel of x [H, W, C]; outside pixels take the channel's corner."""
-  out = np.empty_like(x)
-  for c in range(x.shape[2]):
-    ndi.map_coordinates(x[..., c], coords, output=out[..., c], order=1, mode='constant',
-                        cval=float(x[0, 0, c]), prefilter=False)
-  return out
+  """Bilinear warp of every channel of x [H, W, C]; outside pixels take the channel's corner.
+
+  scipy's map_coordinates(order=1, mode='constant') per channel, done once for all channels
+  (the four taps and weights are shared): it was ~40% of the augmentation's time at 192x160
+  with 25 channels. tests/test_augment.py checks it against scipy.
+  """
+  h, w, channels = x.shape
+  r, c = coords
+  inside = ((r >= 0) & (r <= h - 1) & (c >= 0) & (c <= w - 1)).ravel()
+  r0 = np.clip(np.floor(r), 0, max(h - 2, 0)).astype(np.intp).ravel()
+  c0 = np.clip(np.floor(c), 0, max(w - 2, 0)).astype(np.intp).ravel()
+  fr = (r.ravel() - r0).astype(np.float32)[:, None]
+  fc = (c.ravel() - c0).astype(np.float32)[:, None]
+  flat = x.reshape(h * w, channels)
+  top, bottom = r0 * w + c0, np.minimum(r0 + 1, h - 1) * w + c0
+  right = (c0 + 1 < w).astype(np.intp)
+  take = lambda idx: np.take(flat, idx, axis=0)
+  out = ((take(top) * (1 - fc) + take(top + right) * fc) * (1 - fr) +
+         (take(bottom) * (1 - fc) + take(bottom + right) * fc) * fr)
+  out[~inside] = x[0, 0]
+  return out.reshape(h, w, channels).astype(x.dtype, copy=False)
 
 
 def _warp_nearest(x, coords, fill):

@@ -233,3 +233,19 @@ def test_pseudo_normal_intensity_only_when_asked():
   np.testing.assert_allclose(out['normal'][fg], ex['normal'][fg] * t1.scale + t1.shift,
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(out['normal'][~fg], -1)
+
+
+def test_dense_warp_is_scipys_bilinear_warp_for_every_channel():
+  """One gather for all channels equals scipy's map_coordinates(order=1, mode='constant')
+  channel by channel, corner fill included (rotation and zoom bring pixels from outside)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(23, 17, 5)).astype(np.float32)
+  x[0, 0] = rng.normal(size=5)
+  for angle, zoom in ((13.0, 0.8), (-7.0, 1.3), (90.0, 1.0)):
+    coords = augment._source_coords(x.shape[:2], angle, zoom)   # pylint: disable=protected-access
+    want = np.stack([ndi.map_coordinates(x[..., ch], coords, order=1, mode='constant',
+                                             cval=float(x[0, 0, ch]), prefilter=False)
+                     for ch in range(x.shape[2])], -1)
+    got = augment._warp_dense(x, coords)   # pylint: disable=protected-access
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)
