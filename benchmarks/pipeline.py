@@ -1,13 +1,16 @@
 """Input-pipeline throughput: slices/s of train_iterator (augmentation on) vs the step's demand.
 
-`python -m benchmarks.pipeline [--sizes=demo,full] [--seconds=20] [--threads=N]` builds a toy
-prepared cohort (smooth random volumes with a bright blob as tumor, written in the prep format),
-its TFDS shards (TensorFlow writes them), and times `input_pipeline.train_iterator` (grain, no
-TensorFlow) at the demo size (96x80) and at 192x160, K=2, B=4: slices/s with `--threads`
-reader threads (default: every core), and slices per CPU-second of the whole process (every
-reader thread counted), the rate one core sustains. A train step consumes
-config.train.batch_size slices; the report says how many steps per second the pipeline could
-feed, next to the clfc step's demand (CLFC_STEP_DEMAND).
+`python -m benchmarks.pipeline [--sizes=demo,full,brats] [--seconds=20] [--threads=N]` builds a
+toy prepared cohort (smooth random volumes with a bright blob as tumor, written in the prep
+format), its TFDS shards (TensorFlow writes them: the tumor slices once for every fold, then the
+pseudo-normal companion), and times `input_pipeline.train_iterator` (grain, no TensorFlow) at
+the demo size (96x80) and at 192x160, K=2, B=4: slices/s with `--threads` reader threads
+(default: every core), and slices per CPU-second of the whole process (every reader thread
+counted), the rate one core sustains. A train step consumes config.train.batch_size slices;
+the report says how many steps per second the pipeline could feed, next to the clfc step's
+demand (CLFC_STEP_DEMAND). Every row also gives shard bytes and build seconds per case;
+'brats' is the full size with 155 slices per case (BraTS's 1 mm 240x240x155 after cropping
+to 192x160), for those two numbers.
 """
 from __future__ import annotations
 
@@ -24,8 +27,7 @@ from scipy import ndimage
 
 from clfc_jax import input_pipeline
 from configs import default, demo
-from data_prep import optional
-from data_prep import store
+from data_prep import examples, optional, store
 
 # Slices/s the clfc train step consumes at B=4, 192x160, K=2: on a GPU (the issue's figure) and
 # on this project's 2-core CPU (4 slices per 2.5 s step, README's Performance table).
@@ -104,11 +106,29 @@ def measure(config, data_dir, seconds: float, fold: int = 0) -> dict:
           'load_avg': round(os.getloadavg()[0], 2)}
 
 
+def _bytes(directory) -> int:
+  return sum(p.stat().st_size for p in Path(directory).glob('*.tfrecord-*-of-*'))
+
+
+def build_shards(config, work: Path) -> dict:
+  """Builds the tumor slices and their pseudo-normal companion; bytes and seconds of each."""
+  tfds_builders = optional.tfds_builders()
+  start = time.perf_counter()
+  tumor = tfds_builders.build(tfds_builders.tumor_slices_builder(config, work / 'tfds'))
+  mid = time.perf_counter()
+  companion = tfds_builders.build(tfds_builders.pseudo_normal_builder(config, work / 'tfds', None))
+  end = time.perf_counter()
+  return {'tumor_bytes': _bytes(tumor.data_dir), 'pseudo_normal_bytes': _bytes(companion.data_dir),
+          'tumor_build_s': mid - start, 'pseudo_normal_build_s': end - mid}
+
+
 def run(sizes=('demo', 'full'), seconds: float = 20.0, num_cases: int = 6, z: int = 40,
         threads: int = 0) -> list:
   results = []
   for size in sizes:
     config = demo.get_config() if size == 'demo' else default.get_config()
+    size_z = 155 if size == 'brats' else z
+    size_cases = 3 if size == 'brats' else num_cases
     config.data.num_folds = 3
     config.data.read_threads = threads or os.cpu_count()
     config.train.batch_size = 4   # the paper's batch: the train step's demand per step.
@@ -116,19 +136,22 @@ def run(sizes=('demo', 'full'), seconds: float = 20.0, num_cases: int = 6, z: in
       print(f'pipeline: {size} size {tuple(config.prep.crop_hw)}: toy cohort and shards',
             file=sys.stderr, flush=True)
       work = Path(tmp)
-      ids = toy_prepared_cohort(work / 'prep', num_cases=num_cases, z=z,
+      ids = toy_prepared_cohort(work / 'prep', num_cases=size_cases, num_normal=1, z=size_z,
                                 hw=tuple(config.prep.crop_hw),
                                 modalities=tuple(config.dataset.modalities))
       write_toy_pseudo_normals(work / 'prep', work / 'pseudo_normal', ids)
-      start = time.perf_counter()
-      tfds_builders = optional.tfds_builders()
-      tfds_builders.build(tfds_builders.tumor_slices_builder(
-          config, work / 'tfds', 0, with_pseudo_normal=True))
-      build_s = time.perf_counter() - start
+      built = build_shards(config, work)
       row = {'size': size, 'crop_hw': list(config.prep.crop_hw), 'k': int(config.data.k),
              'channels': len(config.dataset.modalities) * (2 * config.data.k + 1),
-             'build_s': round(build_s, 1), 'slices_built': num_cases * z}
-      row.update(measure(config, work / 'tfds', seconds))
+             'cases': size_cases, 'slices_per_case': size_z,
+             'shard_workers': examples.default_workers(config.prep.shard_workers),
+             'build_s': round(built['tumor_build_s'] + built['pseudo_normal_build_s'], 1),
+             'build_s_per_case': round(built['tumor_build_s'] / size_cases, 2),
+             'mb_per_case': round(built['tumor_bytes'] / size_cases / 2**20, 2),
+             'pseudo_normal_mb_per_case': round(built['pseudo_normal_bytes'] / size_cases / 2**20,
+                                                2)}
+      if size != 'brats':
+        row.update(measure(config, work / 'tfds', seconds))
       results.append(row)
       print(json.dumps(row), flush=True)
   return results

@@ -250,7 +250,7 @@ def _step_demand(train_step_result: dict) -> dict:
 
 def pipeline_suite(args, results: dict) -> dict:
   out = Path(args.out) / 'pipeline.rows.tmp'
-  done = child('benchmarks.pipeline', ['--sizes', 'demo,full', '--seconds',
+  done = child('benchmarks.pipeline', ['--sizes', 'demo,full,brats', '--seconds',
                                        args.pipeline_seconds, '--out', out])
   if 'error' in done:
     return {'suite': 'pipeline', 'error': done['error'], 'rows': []}
@@ -264,6 +264,8 @@ def pipeline_suite(args, results: dict) -> dict:
   demand = _step_demand(source or {})
   for row in rows:
     step = demand.get(tuple(row['crop_hw']))
+    if 'slices_per_s' not in row:   # the 'brats' row: shard bytes and build time only.
+      continue
     row['demand_slices_per_s'] = step['slices_per_s'] if step else None
     row['headroom'] = round(row['slices_per_s'] / step['slices_per_s'], 2) if step else None
     if step:

@@ -101,11 +101,15 @@ def pipeline_section(r: dict) -> str:
   table = markdown_table(r['rows'], [
       ('size', 'size'), ('H×W', 'crop_hw'), ('K', 'k'), ('channels', 'channels'),
       ('pipeline slices/s', 'slices_per_s'), ('train step demand slices/s', 'demand_slices_per_s'),
-      ('pipeline / demand', 'headroom'), ('shard build s', 'build_s'),
+      ('pipeline / demand', 'headroom'), ('slices/case', 'slices_per_case'),
+      ('shard MB/case', 'mb_per_case'), ('pseudo-normal MB/case', 'pseudo_normal_mb_per_case'),
+      ('build s/case', 'build_s_per_case'), ('build workers', 'shard_workers'),
       ('demand from', 'demand_from')])
   return ('input_pipeline.train_iterator (augmentation on, one process) vs what the train step '
           'of the same H×W consumes (its batch / step time, from the train_step suite of this '
-          'run, else the last one kept).\n\n' + table)
+          'run, else the last one kept). Shards: one tumor set for every fold (toy volumes of '
+          'smooth noise; the brats row is 192×160×155, BraTS at 1 mm after the crop), plus one '
+          'pseudo-normal companion per IntroVAE.\n\n' + table)
 
 
 def prep_section(r: dict) -> str:

@@ -1,7 +1,11 @@
 """The TFDS shards -> host-local numpy batches, without TensorFlow (grain over random access).
 
 The shards are read record by record through data_prep.tfrecord.ShardSource, so training runs
-on an accelerator machine that has JAX but not TensorFlow. Batches follow ARCHITECTURE.md's
+on an accelerator machine that has JAX but not TensorFlow. One tumor shard set serves every
+fold: a fold's split (prep/folds.json) picks its patients' records, and its histogram
+references finish each slice's matching when it is read (FoldReader), bitwise what
+data_prep.inputs.case_inputs gives evaluation and new patients; the pseudo-normal stacks come
+from the fold's IntroVAE's companion slices. Batches follow ARCHITECTURE.md's
 contract: image float32 [B,H,W,M(2K+1)], normal float32 [B,H,W,2K+1] (only when
 config.model.use_normal_net), label int32 [B,H,W], brain bool [B,H,W], patient bytes [B],
 slice int32 [B]; B is the process-local batch (global / process_count), ready for
@@ -34,8 +38,8 @@ import jax
 import numpy as np
 
 from data_prep import augment
-from data_prep import shards
-from data_prep import tfrecord
+from data_prep import folds as folds_lib
+from data_prep import examples, inputs, normalize, shards, store, tfrecord
 
 _ENDLESS = sys.maxsize // 2   # samples of an endless stream (grain's datasets have a length).
 
@@ -55,28 +59,109 @@ def _local_batch(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
-def tumor_dataset_dir(config, data_dir, fold, with_pseudo_normal=None):
-  """(the prepared TumorSlices version directory to read, whether batches carry `normal`).
+@dataclasses.dataclass(frozen=True, eq=False)
+class FoldReader:
+  """Record i of the tumour shards as fold `fold` sees it (picklable, for grain's workers).
 
-  Networks with a normal-appearance branch need the pseudo-normal dataset; baseline1 reads
-  whichever is prepared (pseudo-normal first).
+  The shards hold every fold's patients with the fold-independent half of the histogram
+  matching; `refs` (the fold's references, fitted on its training patients) finish it here,
+  exactly as data_prep.inputs.case_inputs does for evaluation and new patients. `normal` is
+  the fold's IntroVAE's companion set of pseudo-normal slices, if read; `neighbours[i]` are its
+  records that make record i's 2.5D stack.
+  """
+  source: tfrecord.ShardSource
+  normal: Optional[tfrecord.ShardSource]
+  neighbours: Optional[np.ndarray]   # int64 [N, 2K+1]
+  refs: tuple            # float64 [P] landmarks per modality, config order.
+  k: int
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __call__(self, i: int) -> dict:
+    ex = self.source[int(i)]
+    h, w, c = ex['image'].shape
+    m, n = len(self.refs), 2 * self.k + 1
+    stored = np.moveaxis(ex['image'].reshape(h, w, m, n), 2, 0)
+    matched = inputs.finish_matching(stored, ex['brain'], ex['landmarks'], self.refs,
+                                     where=f'{self.source!r} record {int(i)}')
+    out = {'image': inputs.as_in_shards(np.moveaxis(matched, 0, 2).reshape(h, w, c)),
+           'label': ex['label'].astype(np.int32), 'brain': ex['brain'][..., self.k].copy(),
+           'patient': bytes(ex['patient']), 'slice': np.int32(ex['slice'])}
+    if self.normal is not None:
+      out['normal'] = np.stack([self.normal[int(j)]['normal'] for j in self.neighbours[int(i)]],
+                               -1).astype(np.float32)
+    return out
+
+
+def _text(values) -> np.ndarray:
+  return np.asarray([bytes(v).decode() for v in values], object)
+
+
+def fold_records(config, data_dir, fold, split, with_pseudo_normal=None) -> tuple:
+  """(FoldReader, int64 record indices of fold `fold`'s `split` in file order).
+
+  Networks with a normal-appearance branch read their fold's IntroVAE's pseudo-normal stacks
+  (with_pseudo_normal overrides config.model.use_normal_net).
   """
   use_normal = (bool(config.model.use_normal_net) if with_pseudo_normal is None
                 else bool(with_pseudo_normal))
-  tried = []
-  for pn in ((True,) if use_normal else (True, False)):
-    directory = shards.tumor_dir(config, data_dir, fold, with_pseudo_normal=pn)
-    if shards.is_built(directory):
-      return directory, use_normal
-    tried.append(str(directory))
-  raise FileNotFoundError(f'{data_dir}: no TFDS shards for fold {fold} (looked for {tried}); '
-                          'build them first (prep / pseudo_normal stage)')
+  directory = shards.tumor_dir(config, data_dir)
+  if not shards.is_built(directory):
+    raise FileNotFoundError(f'{directory}: tumor shards not built yet (prep stage)')
+  source = tfrecord.ShardSource(directory, shards.ALL_SPLIT)
+  prep_dir = shards.default_dir(data_dir, 'prep')
+  if store.prepared_ids(Path(prep_dir) / store.CASES_DIR):
+    ids = folds_lib.prepared_split(prep_dir, config, fold)
+  else:   # a machine with the shards and prep's JSON files only.
+    ids = folds_lib.stored_split(prep_dir, config, fold)
+  patients = _text(source.column('patient'))
+  missing = sorted(set(i for part in ids.values() for i in part) - set(patients))
+  if missing:
+    raise tfrecord.DatasetError(f'{directory}: no slices of patients {missing[:5]} of fold '
+                                f'{fold}; rebuild the shards (delete the folder, rerun prep)')
+  refs = _fold_references(config, prep_dir, fold, ids['train'] + ids['val'])
+  normal = neighbours = None
+  if use_normal:
+    key = shards.introvae_key(prep_dir, fold)
+    normal_dir = shards.pseudo_normal_dir(config, data_dir, key)
+    if not shards.is_built(normal_dir):
+      raise FileNotFoundError(f'{normal_dir}: no pseudo-normal stacks of IntroVAE '
+                              f'{shards.key_name(key)} yet (pseudo_normal stage)')
+    normal = tfrecord.ShardSource(normal_dir, shards.ALL_SPLIT)
+    try:
+      neighbours = examples.neighbour_records(
+          patients, source.column('slice'), _text(normal.column('patient')),
+          normal.column('slice'), int(config.data.k))
+    except ValueError as e:
+      raise tfrecord.DatasetError(f'{normal_dir} does not match {directory} ({e}); delete it '
+                                  'and rerun the pseudo_normal stage') from None
+  reader = FoldReader(source=source, normal=normal, neighbours=neighbours, refs=refs,
+                      k=int(config.data.k))
+  return reader, np.flatnonzero(np.isin(patients, ids[split])).astype(np.int64)
 
 
-def num_examples(config, data_dir, fold, split, with_pseudo_normal=None) -> int:
-  """Examples of a split, from dataset_info.json (tfrecord.DatasetError if it has none)."""
-  directory, _ = tumor_dataset_dir(config, data_dir, fold, with_pseudo_normal)
-  return int(sum(tfrecord.split_files(directory, split)[1]))
+def _fold_references(config, prep_dir, fold, ids) -> tuple:
+  """The fold's histogram references (prep/hist_refs_fold<k>.json, fitted on `ids`)."""
+  path = normalize.reference_path(prep_dir, fold)
+  modalities = tuple(config.dataset.modalities)
+  if store.prepared_ids(Path(prep_dir) / store.CASES_DIR):
+    refs = normalize.load_or_fit_references(path, Path(prep_dir) / store.CASES_DIR, ids,
+                                            modalities, config)
+  else:   # a machine with the shards but not the prepared volumes: the file must fit.
+    if not path.exists():
+      raise FileNotFoundError(f'{path}: no histogram references for fold {fold}')
+    fitted_on = normalize.references_fitted_on(path)
+    if fitted_on is not None and sorted(fitted_on) != sorted(ids):
+      raise tfrecord.DatasetError(f'{path}: fitted on other patients than fold {fold}\'s '
+                                  'training patients; rerun the prep stage')
+    refs = normalize.load_references(path)
+  return tuple(np.asarray(refs[m], np.float64) for m in modalities)
+
+
+def num_examples(config, data_dir, fold, split) -> int:
+  """Slices of fold `fold`'s `split` (train, val or test)."""
+  return len(fold_records(config, data_dir, fold, split, with_pseudo_normal=False)[1])
 
 
 def _normal_dir(config, data_dir, fold) -> Path:
@@ -134,16 +219,6 @@ class PatientSampler:
     return int(self.records[self.starts[p] + rng.integers(self.counts[p])])
 
 
-def _cast(ex: dict, use_normal: bool) -> dict:
-  """A decoded example in the batch contract's dtypes (float16 / uint8 on disk)."""
-  out = {'image': ex['image'].astype(np.float32), 'label': ex['label'].astype(np.int32),
-         'brain': ex['brain'].astype(bool), 'patient': bytes(ex['patient']),
-         'slice': np.int32(ex['slice'])}
-  if use_normal:
-    out['normal'] = ex['normal'].astype(np.float32)
-  return out
-
-
 def stack_examples(examples) -> dict:
   """grain batch_fn: arrays stacked, bytes as an object array (as tfds.as_numpy gives them)."""
   out = {}
@@ -161,14 +236,13 @@ def stack_examples(examples) -> dict:
 class _TrainSample:
   """Local sample i -> the augmented example of its (step, global slot). Picklable, so grain
   worker processes can run it."""
-  source: tfrecord.ShardSource
+  read: FoldReader
   everything: PatientSampler
   tumor: PatientSampler
   is_tumor_slot: np.ndarray   # bool [global batch]
   first_slot: int             # this process's first slot of the global batch
   local_batch: int
   seed: int
-  use_normal: bool
   aug: types.SimpleNamespace
   k: int
   normal_index: int
@@ -178,7 +252,7 @@ class _TrainSample:
     slot = self.first_slot + r
     rng = sample_rng(self.seed, step, slot)
     index = (self.tumor if self.is_tumor_slot[slot] else self.everything).draw(rng)
-    ex = _cast(self.source[index], self.use_normal)
+    ex = self.read(index)
     return augment.augment_example(ex, rng, self.aug, self.k, normal_index=self.normal_index)
 
 
@@ -195,16 +269,6 @@ class _NormalSample:
     step, r = divmod(int(i), self.local_batch)
     index = self.sampler.draw(sample_rng(self.seed, step, self.first_slot + r))
     return {'image': self.source[index]['image'].astype(np.float32)}
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Read:
-  """Record i, cast (evaluation: no sampling, no augmentation)."""
-  source: tfrecord.ShardSource
-  use_normal: bool
-
-  def __call__(self, i: int) -> dict:
-    return _cast(self.source[int(i)], self.use_normal)
 
 
 def _batches(dataset: grain.MapDataset, batch: int, config, *,
@@ -253,19 +317,20 @@ def train_iterator(config, data_dir, fold, *, global_batch_size, seed, process_i
   process_index, process_count = _processes(process_index, process_count)
   global_batch_size = int(global_batch_size)
   local = _local_batch(global_batch_size, process_count)
-  directory, use_normal = tumor_dataset_dir(config, data_dir, fold, with_pseudo_normal)
-  source = tfrecord.ShardSource(directory, 'train')
-  patients = source.column('patient')
-  everything = PatientSampler(patients)
-  tumor = PatientSampler(patients, source.column('has_tumor'))
+  read, records = fold_records(config, data_dir, fold, 'train', with_pseudo_normal)
+  patients = _text(read.source.column('patient'))
+  keep = np.zeros(len(patients), bool)
+  keep[records] = True
+  everything = PatientSampler(patients, keep)
+  tumor = PatientSampler(patients, keep & read.source.column('has_tumor'))
   is_tumor = tumor_positions(global_batch_size, config.data.tumor_fraction)
   if not len(everything) or (is_tumor.any() and not len(tumor)):
     what = 'tumor slice' if len(everything) else 'slice'
-    raise ValueError(f'{directory} split train: no {what} to draw from')
+    raise ValueError(f'{read.source!r} fold {fold} split train: no {what} to draw from')
   sample = _TrainSample(
-      source=source, everything=everything, tumor=tumor, is_tumor_slot=is_tumor,
+      read=read, everything=everything, tumor=tumor, is_tumor_slot=is_tumor,
       first_slot=process_index * local, local_batch=local, seed=int(seed),
-      use_normal=use_normal, aug=_aug_namespace(config.data.augment), k=int(config.data.k),
+      aug=_aug_namespace(config.data.augment), k=int(config.data.k),
       normal_index=_normal_index(config))
   ds = grain.MapDataset.range(_ENDLESS).map(sample)
   return _batches(ds, local, config, drop_remainder=True)
@@ -286,12 +351,11 @@ def eval_iterator(config, data_dir, fold, split, batch_size, *, process_index=0,
   The last batch is padded to `batch_size` (zeros, patient b'') and every batch carries
   `valid` bool [B]. Default: the whole split in this process.
   """
-  directory, use_normal = tumor_dataset_dir(config, data_dir, fold, with_pseudo_normal)
-  source = tfrecord.ShardSource(directory, split)
-  start, end = _even_part(len(source), *_processes(process_index, process_count))
+  read, records = fold_records(config, data_dir, fold, split, with_pseudo_normal)
+  start, end = _even_part(len(records), *_processes(process_index, process_count))
   if start == end:
     return
-  ds = grain.MapDataset.range(start, end).map(_Read(source, use_normal))
+  ds = grain.MapDataset.source(records[start:end]).map(read)
   for batch in _batches(ds, int(batch_size), config, drop_remainder=False):
     yield _pad(batch, batch_size)
 

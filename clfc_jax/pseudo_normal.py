@@ -3,16 +3,17 @@ normal-looking T1, once (SPEC §1, §6), and we measure how faithful that is.
 
 `make_pseudo_normals` writes, for one IntroVAE (the normal cohort's, or fold k's own without one:
 Workdir.introvae_key), wd.pseudo_normal_dir(key)/<id>.npz ('t1' float16 [Z,H,W] in [-1, 1],
--1 outside the brain) and fidelity.json / fidelity.md there; `build_tumor_shards` writes the
-tumor shards with pseudo-normal stacks, each fold's from its own IntroVAE. Volumes already on
-disk are not recomputed, so a rerun resumes.
+-1 outside the brain) and fidelity.json / fidelity.md there; `build_tumor_shards` writes their
+2.5D stacks as the tumor shards' companion (one per IntroVAE). Volumes already on disk are not
+recomputed, so a rerun resumes.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from absl import logging
 import jax
@@ -23,9 +24,8 @@ from tqdm import tqdm
 from clfc_jax import fidelity
 from clfc_jax import predict
 from clfc_jax import sharding as sharding_lib
-from clfc_jax import workdir as workdir_lib
 from data_prep import optional
-from data_prep import inputs, normalize, store
+from data_prep import inputs, normalize, shards, store
 from data_prep.case import CaseError
 
 FIDELITY_NAME = 'fidelity'
@@ -39,18 +39,18 @@ def _pseudo_normal_ok(path: Path) -> bool:
     return False
 
 
-def make_pseudo_normals(config, wd, key: Optional[int] = None, *, build_shards: bool = True,
-                        folds: Optional[Sequence[int]] = None) -> dict:
-  """Pseudo-normal T1 of every prepared tumor case by IntroVAE `key`, a fidelity report, and the
-  shards of the folds that use it.
+def make_pseudo_normals(config, wd, key: Optional[int] = None, *,
+                        build_shards: bool = True) -> dict:
+  """Pseudo-normal T1 of every prepared tumor case by IntroVAE `key`, a fidelity report, and
+  their stacks beside the tumor shards.
 
   Each case's T1 (dataset.normal_modality) is matched to the IntroVAE's normal reference and
   scaled to [-1, 1] exactly like the training slices; every axial slice is reconstructed from
   μ. Files already on disk are kept (resumable); writes are atomic. With build_shards, the
-  tumor shards with pseudo-normal stacks are built for those of `folds` (default: the folds to
-  run) whose IntroVAE is `key`.
+  stacks are written as the tumor shards' companion for IntroVAE `key` (rebuilt when a volume
+  was (re)written).
   Returns {cases, written, skipped, seconds_reconstruct, seconds_per_case, fidelity (means),
-  shards ({fold: {split: examples}}), seconds}.
+  shards ({split: examples}), seconds}.
   """
   start_time = time.time()
   out_dir = wd.pseudo_normal_dir(key)
@@ -95,9 +95,7 @@ def make_pseudo_normals(config, wd, key: Optional[int] = None, *, build_shards: 
     fidelity = fidelity_report(config, wd, landmarks, key)
     summary['fidelity'] = fidelity['mean']
     if build_shards:
-      folds = workdir_lib.folds_to_run(config) if folds is None else folds
-      summary['shards'] = build_tumor_shards(
-          config, wd, [k for k in folds if wd.introvae_key(k) == key])
+      summary['shards'] = build_tumor_shards(config, wd, key, stale=bool(written))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('pseudo_normal: report and shards written')
   summary['seconds'] = round(time.time() - start_time, 2)
@@ -161,15 +159,17 @@ def _fidelity_markdown(record) -> str:
 
 # --- shards ---------------------------------------------------------------------------------------
 
-def build_tumor_shards(config, wd, folds: Sequence[int]) -> dict:
-  """TFDS tumor shards with pseudo-normal stacks for each fold, made by that fold's IntroVAE;
-  {fold: {split: examples}}."""
+def build_tumor_shards(config, wd, key: Optional[int], *, stale: bool = False) -> dict:
+  """IntroVAE `key`'s pseudo-normal stacks as the tumor shards' companion; {split: examples}.
+  `stale`: volumes were (re)written since, so an existing build (ours, derived) is replaced."""
   tfds_builders = optional.tfds_builders()
-  out = {}
-  for k in folds:
-    builder = tfds_builders.build(tfds_builders.tumor_slices_builder(
-        config, wd.tfds, int(k), with_pseudo_normal=True, prep_dir=wd.prep,
-        pseudo_normal_dir=wd.pseudo_normal_dir(wd.introvae_key(k))))
-    out[int(k)] = {name: split.num_examples for name, split in builder.info.splits.items()}
-  logging.info('pseudo-normal tumor shards: %s', out)
+  existing = shards.pseudo_normal_dir(config, wd.tfds, key)
+  if stale and existing.exists():
+    shutil.rmtree(existing)
+  tfds_builders.build(tfds_builders.tumor_slices_builder(config, wd.tfds, prep_dir=wd.prep))
+  builder = tfds_builders.pseudo_normal_builder(config, wd.tfds, key, prep_dir=wd.prep,
+                                                pseudo_normal_dir=wd.pseudo_normal_dir(key))
+  built = tfds_builders.build(builder)
+  out = {name: split.num_examples for name, split in built.info.splits.items()}
+  logging.info('pseudo-normal stacks of %s: %s', shards.key_name(key), out)
   return out

@@ -22,7 +22,7 @@ from clfc_jax.workdir import Workdir, folds_to_run
 from configs import default
 from data_prep import optional
 from data_prep import folds as folds_lib
-from data_prep import normalize, prepare, readers, store, synthetic
+from data_prep import normalize, prepare, readers, shards, store, synthetic
 
 STAGES = ('prep', 'introvae', 'pseudo_normal', 'train', 'evaluate', 'report')
 
@@ -47,8 +47,9 @@ def resolve_data_roots(config, wd: Workdir):
 def stage_prep(config, wd: Workdir):
   """NIfTI -> validated -> MNI152 -> prepared volumes; folds; histogram references; shards.
 
-  Tumor shards are written here without pseudo-normal stacks (enough for baseline1); the
-  pseudo_normal stage adds a second build with them.
+  The tumor shards are written once for every fold (each fold's references are applied when
+  a slice is read); the pseudo_normal stage adds each IntroVAE's pseudo-normal stacks beside
+  them.
   """
   tfds_builders = optional.tfds_builders()
   tumor_root, normal_root = resolve_data_roots(config, wd)
@@ -69,48 +70,43 @@ def stage_prep(config, wd: Workdir):
                                      config.data.split_seed)
     normalize.load_or_fit_references(wd.hist_refs(k), wd.prep_cases,
                                      split['train'] + split['val'], modalities, config)
-    tfds_builders.build(tfds_builders.tumor_slices_builder(
-        config, wd.tfds, k, with_pseudo_normal=False, prep_dir=wd.prep))
+  tfds_builders.build(tfds_builders.tumor_slices_builder(config, wd.tfds, prep_dir=wd.prep))
   summary['normal_t1_slices'] = {}
   for key in wd.introvae_keys(config):   # the normal cohort, or each fold's training patients
     built = tfds_builders.build(tfds_builders.normal_t1_builder(
         config, wd.tfds, fold=0 if key is None else key, prep_dir=wd.prep))
-    summary['normal_t1_slices'][_key_name(key)] = built.info.splits['train'].num_examples
+    summary['normal_t1_slices'][shards.key_name(key)] = built.info.splits['train'].num_examples
   summary['cases'] = len(ids)
   summary['skipped'] = dict(summary['tumor']['skipped'], **summary.get('normal', {}).get(
       'skipped', {}))
   return summary
 
 
-def _key_name(key) -> str:
-  return 'normal_cohort' if key is None else f'fold{key}'
-
-
 def stage_introvae(config, wd: Workdir):
   """Trains the IntroVAE(s) on normal T1 slices (frozen afterwards): one on the normal cohort,
   or, without one, one per fold on that fold's training patients (Workdir.introvae_keys)."""
-  return {_key_name(key): introvae_trainer.train_introvae(config, wd, key)
+  return {shards.key_name(key): introvae_trainer.train_introvae(config, wd, key)
           for key in wd.introvae_keys(config)}
 
 
 def stage_pseudo_normal(config, wd: Workdir):
   """Reconstructs every tumor case's pseudo-normal T1 once per IntroVAE; shards with the 2.5D
   stacks, each fold's from its own IntroVAE."""
-  return {_key_name(key): pseudo_normal.make_pseudo_normals(config, wd, key)
+  return {shards.key_name(key): pseudo_normal.make_pseudo_normals(config, wd, key)
           for key in wd.introvae_keys(config)}
 
 
 def ensure_tumor_shards(config, wd: Workdir):
-  """Builds the folds' tumor shards if these data settings (K, crop, folds, validation share)
-  have none yet: from the prepared volumes, so no registration is redone. Existing builds
-  are reused as they are."""
+  """Builds the tumor shards if these data settings (K, crop, histogram settings) have none
+  yet, and the pseudo-normal stacks of each IntroVAE that has made some: from the prepared
+  volumes, so no registration is redone. Existing builds are reused as they are."""
   tfds_builders = optional.tfds_builders()
-  for k in folds_to_run(config):
-    pn_dir = wd.pseudo_normal_dir(wd.introvae_key(k))
-    with_pn = pn_dir.is_dir() and any(pn_dir.glob('*.npz'))
-    tfds_builders.build(tfds_builders.tumor_slices_builder(
-        config, wd.tfds, k, with_pseudo_normal=with_pn, prep_dir=wd.prep,
-        pseudo_normal_dir=pn_dir))
+  tfds_builders.build(tfds_builders.tumor_slices_builder(config, wd.tfds, prep_dir=wd.prep))
+  for key in wd.introvae_keys(config):
+    pn_dir = wd.pseudo_normal_dir(key)
+    if pn_dir.is_dir() and any(pn_dir.glob('*.npz')):
+      tfds_builders.build(tfds_builders.pseudo_normal_builder(
+          config, wd.tfds, key, prep_dir=wd.prep, pseudo_normal_dir=pn_dir))
 
 
 def stage_train(config, wd: Workdir):

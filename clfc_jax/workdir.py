@@ -12,7 +12,7 @@ from typing import Optional
 
 import ml_collections
 
-from data_prep import normalize, store
+from data_prep import normalize, shards, store
 
 CONFIG_NAME = 'config.json'   # the resolved config, at the root and in every run folder
 
@@ -62,11 +62,11 @@ class Workdir:
     """Whether the job has a normal cohort (IXI: prepared subjects in prep/normal, or their T1
     reference): then one IntroVAE serves every fold; without one each fold trains its own on its
     training patients' tumor-free slices."""
-    return self.hist_refs_normal.exists() or bool(store.prepared_ids(self.prep_normal))
+    return shards.has_normal_cohort(self.prep)
 
   def introvae_key(self, fold: int) -> Optional[int]:
     """Which IntroVAE test fold `fold` uses: None (the normal cohort's) or the fold itself."""
-    return None if self.has_normal_cohort() else int(fold)
+    return shards.introvae_key(self.prep, fold)
 
   def introvae_keys(self, config) -> list:
     """The IntroVAEs the folds to run need: [None] with a normal cohort, else one per fold."""

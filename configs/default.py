@@ -38,6 +38,7 @@ def get_config():
   p.affine_atol = 1e-3       # modalities' affines must agree to this (mm / direction cosines).
   p.num_workers = 2          # processes preparing cases in parallel.
   p.threads_per_worker = 0   # SimpleITK threads per worker; 0 = cpu_count // num_workers.
+  p.shard_workers = 0        # processes making the tumor shards' records; 0 = cores - 1.
   p.template_mask_threshold = 0.2   # MNI152 brain mask = GM + WM probability above this.
   p.mask_dilation_mm = 4.0   # template brain mask grown by this before it meets `image > 0`.
   p.scale_percentile = 99.5  # each modality is divided by this brain percentile (store.py).

@@ -102,6 +102,21 @@ def prepared_split(prep_dir, config, fold: int) -> dict:
   return split_for_fold(fold_lists, fold, config.data.val_fraction, config.data.split_seed)
 
 
+def stored_split(prep_dir, config, fold: int) -> dict:
+  """Fold `fold`'s {'train','val','test'} ids from prep/folds.json alone (no prepared volumes
+  needed: a machine that got only the shards and WORKDIR/prep's JSON files can train)."""
+  path = Path(prep_dir) / store.FOLDS_FILE
+  if not path.exists():
+    raise CaseError(path, 'no folds file (run the prep stage first)')
+  record = load_folds(path)
+  d = config.data
+  if record['seed'] != d.split_seed or len(record['folds']) != d.num_folds:
+    raise CaseError(path, f'folds made with seed {record["seed"]} and {len(record["folds"])} '
+                    f'folds; the config asks for seed {d.split_seed} and {d.num_folds} (rerun '
+                    'the prep stage)')
+  return split_for_fold(record['folds'], fold, d.val_fraction, d.split_seed)
+
+
 # --- nnU-Net interop ---------------------------------------------------------------------------
 def nnunet_splits(folds) -> list:
   """Our folds as nnU-Net's splits_final.json: one {'train', 'val'} per fold.

@@ -1,7 +1,10 @@
 """A prepared (MNI-space) case -> the network inputs: one place for the shards, evaluation and
 new patients, so that all three feed the models exactly the same numbers.
 
-  matched_modalities   the fold's histogram matching of every modality [M, Z, H, W]
+  stored_modalities    every modality's fold-independent half of the histogram matching, as the
+                       shards store it (float16), with its landmarks
+  matched_modalities   the fold's histogram matching of every modality [M, Z, H, W], through
+                       the stored half (so shards, evaluation and new patients agree bitwise)
   unit_t1              a T1 as the IntroVAE sees it: matched to the normal reference, [-1, 1]
   load_pseudo_normal   the pseudo_normal stage's volume of one case
   case_inputs          every slice's 2.5D stacks at once ('image', 'normal'), rounded like the
@@ -35,23 +38,47 @@ def check_case(pc: store.PreparedCase, modalities: Sequence[str], crop_hw=None, 
                     f'{pc.images.shape[1:]}')
 
 
-def matched(pc: store.PreparedCase, modality: str, landmarks, config, where=None) -> np.ndarray:
-  """One modality histogram-matched to `landmarks` (standard scale)."""
+def stored_modalities(pc: store.PreparedCase, modalities, config, where=None) -> tuple:
+  """(float16 [M, Z, H, W], float32 [M, P]): every modality mapped linearly onto the standard
+  scale by its own end landmarks (normalize.stored_scale), and its landmarks on that scale.
+  Fold-independent: what the shards hold; a fold's references finish the matching."""
+  where = where or pc.case_id
+  check_case(pc, modalities, where=where)
+  values, landmarks = [], []
+  for m in modalities:
+    try:
+      v, lm = normalize.stored_scale(pc.modality(m), pc.brain, config)
+    except ValueError as e:
+      raise CaseError(where, f'{m}: {e}') from None
+    values.append(v.astype(np.float16))
+    landmarks.append(lm)
+  return np.stack(values), np.stack(landmarks)
+
+
+def finish_matching(stored, brain, landmarks, refs: Sequence[np.ndarray], where=None):
+  """float32 [M, ...]: stored values [M, ...] matched to the fold's references refs[m].
+
+  `brain` has stored[m]'s shape: a volume's mask, or a 2.5D stack's brain stack.
+  """
   try:
-    return normalize.apply_reference(pc.modality(modality), pc.brain, landmarks, config)
+    return np.stack([normalize.apply_stored(stored[m], brain, landmarks[m], refs[m])
+                     for m in range(len(refs))])
   except ValueError as e:
-    raise CaseError(where or pc.case_id, f'{modality}: {e}') from None
+    raise CaseError(where or '?', str(e)) from None
 
 
 def matched_modalities(pc: store.PreparedCase, refs: Mapping[str, np.ndarray], modalities,
                        config, where=None) -> np.ndarray:
-  """[M, Z, H, W]: every modality matched with the fold's references, in `modalities` order."""
+  """[M, Z, H, W]: every modality matched with the fold's references, in `modalities` order.
+
+  Computed through the stored (float16) half, exactly as the loader matches a shard's slice."""
   where = where or pc.case_id
   check_case(pc, modalities, where=where)
   for m in modalities:
     if m not in refs:
       raise CaseError(where, f'no histogram reference for modality {m!r}')
-  return np.stack([matched(pc, m, refs[m], config, where) for m in modalities])
+  stored, landmarks = stored_modalities(pc, modalities, config, where)
+  return finish_matching(stored, pc.brain, landmarks, [refs[m] for m in modalities], where)
 
 
 def unit_t1(volume, brain, landmarks, config) -> np.ndarray:

@@ -67,25 +67,71 @@ def fit_references(cases: Iterable, modalities: Sequence[str], config) -> dict:
   return refs
 
 
-def apply_reference(volume, brain, landmarks, config) -> np.ndarray:
-  """The volume on the standard scale `landmarks` (float32, 0 outside `brain`)."""
-  brain = np.asarray(brain, bool)
-  volume = np.asarray(volume, np.float32)
-  source = _strictly_increasing(case_landmarks(volume, brain, config.prep.hist.percentiles))
-  target = np.asarray(landmarks, np.float64)
-  if source.shape != target.shape:
-    raise ValueError(f'histogram matching: {len(target)} reference landmarks for '
-                     f'{len(source)} percentiles; refit the references')
-  v = volume[brain].astype(np.float64)
+def map_landmarks(values, source, target) -> np.ndarray:
+  """The piecewise-linear map of `values` from landmarks `source` onto `target` (float64), with
+  the end segments extended linearly (Nyul & Udupa; np.interp alone would clamp)."""
+  v = np.asarray(values, np.float64)
+  source = np.asarray(source, np.float64)
+  target = np.asarray(target, np.float64)
   out = np.interp(v, source, target)
-  # np.interp clamps; extend the end segments linearly instead (Nyul & Udupa).
   low, high = v < source[0], v > source[-1]
   slope_lo = (target[1] - target[0]) / (source[1] - source[0])
   slope_hi = (target[-1] - target[-2]) / (source[-1] - source[-2])
   out[low] = target[0] + (v[low] - source[0]) * slope_lo
   out[high] = target[-1] + (v[high] - source[-1]) * slope_hi
+  return out
+
+
+def _check_target(source, target):
+  if np.shape(source) != np.shape(target):
+    raise ValueError(f'histogram matching: {len(target)} reference landmarks for '
+                     f'{len(source)} percentiles; refit the references')
+
+
+def apply_reference(volume, brain, landmarks, config) -> np.ndarray:
+  """The volume on the standard scale `landmarks` (float32, 0 outside `brain`)."""
+  brain = np.asarray(brain, bool)
+  volume = np.asarray(volume, np.float32)
+  source = _strictly_increasing(case_landmarks(volume, brain, config.prep.hist.percentiles))
+  _check_target(source, landmarks)
   result = np.zeros(volume.shape, np.float32)
-  result[brain] = out
+  result[brain] = map_landmarks(volume[brain], source, landmarks)
+  return result
+
+
+# --- The fold-independent half (what the shards store) -----------------------------------------
+# A fold's histogram matching is the composition of a linear, fold-independent map (each
+# volume's own end landmarks onto config.prep.hist.scale) and a piecewise-linear map onto the
+# fold's references. The shards store the first half's result (float16) with the volume's
+# landmarks on that scale, and the loader applies the second half per slice: one shard set
+# serves every fold (issue 14). Evaluation and new patients go through the same two halves.
+
+def stored_scale(volume, brain, config) -> tuple:
+  """(float32 volume mapped linearly so that its own first/last landmark land on
+  config.prep.hist.scale, 0 outside `brain`; float32 [P] landmarks on that scale)."""
+  h = config.prep.hist
+  brain = np.asarray(brain, bool)
+  volume = np.asarray(volume, np.float32)
+  source = _strictly_increasing(case_landmarks(volume, brain, h.percentiles))
+  lo, hi = source[0], source[-1]
+  gain = (h.scale[1] - h.scale[0]) / max(hi - lo, _MIN_STEP)
+  out = np.zeros(volume.shape, np.float32)
+  out[brain] = h.scale[0] + (volume[brain].astype(np.float64) - lo) * gain
+  landmarks = _strictly_increasing(h.scale[0] + (source - lo) * gain).astype(np.float32)
+  for i in range(1, len(landmarks)):   # float32 rounding must not merge two landmarks.
+    if landmarks[i] <= landmarks[i - 1]:
+      landmarks[i] = np.nextafter(landmarks[i - 1], np.float32(np.inf))
+  return out, landmarks
+
+
+def apply_stored(values, brain, stored_landmarks, landmarks) -> np.ndarray:
+  """Stored values (stored_scale's) on the standard scale `landmarks`: float32, 0 outside
+  `brain` (any shape, e.g. a [H, W, 2K+1] stack with its brain stack)."""
+  brain = np.asarray(brain, bool)
+  values = np.asarray(values, np.float32)
+  _check_target(stored_landmarks, landmarks)
+  result = np.zeros(values.shape, np.float32)
+  result[brain] = map_landmarks(values[brain], stored_landmarks, landmarks)
   return result
 
 

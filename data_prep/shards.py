@@ -5,9 +5,11 @@ TFDS lays a dataset out as data_dir/<builder name>/<config name>/<version>. The 
 to ask; the builders (tfds_builders.py) take their names from here instead, so writer and
 reader can never disagree (tests/test_shards.py checks both against TFDS itself).
 
-A dataset is named by everything that changes its content (fold, K, crop, modalities,
-pseudo-normal or not, and a hash of the histogram / slice / fold settings), so a build with
-pseudo-normal stacks is a different dataset from one without.
+A dataset is named by everything that changes its content. The tumour slices are one dataset
+for every fold (K, crop, modalities and a hash of the histogram / slice settings; the fold's
+histogram references are applied when a slice is read), and each IntroVAE's pseudo-normal
+stacks are a companion dataset named after it and its IntroVAE (the normal cohort's, or a
+fold's in the fallback).
 """
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from data_prep import store
+from data_prep import normalize, store
 
 TUMOR_DATASET = 'tumor_slices'        # TFDS's snake_case of the builder class TumorSlices.
+PSEUDO_NORMAL_DATASET = 'pseudo_normal_slices'   # ... of PseudoNormalSlices.
+ALL_SPLIT = 'cohort'                  # the tumour datasets' one split: folds select patients.
 NORMAL_DATASET = 'normal_t1_slices'   # ... and of NormalT1Slices.
 VERSION = '1.0.0'
 NORMAL_SOURCES = ('normal', 'fallback')
@@ -46,17 +50,24 @@ def crop_hw(config) -> tuple:
 
 
 def tumor_settings(config) -> dict:
-  """What a TumorSlices dataset's content depends on beyond its fold, K, crop and pn flag."""
-  return dict(hist_settings(config), **fold_settings(config),
-              modalities=list(config.dataset.modalities),
-              normal_modality=config.dataset.normal_modality)
+  """What the TumorSlices dataset's content depends on beyond K, crop and modalities."""
+  return dict(hist_settings(config), modalities=list(config.dataset.modalities))
 
 
-def tumor_config_name(config, fold: int, with_pseudo_normal: bool) -> str:
+def tumor_config_name(config) -> str:
   h, w = crop_hw(config)
-  pn = 'pn' if with_pseudo_normal else 'nopn'
-  return (f'fold{int(fold)}_k{int(config.data.k)}_{h}x{w}_{pn}'
-          f'_{fingerprint(tumor_settings(config))}')
+  return f'k{int(config.data.k)}_{h}x{w}_{fingerprint(tumor_settings(config))}'
+
+
+def key_name(key: Optional[int]) -> str:
+  """An IntroVAE's name: 'normal_cohort' (one for all folds) or 'fold<k>' (the fallback)."""
+  return 'normal_cohort' if key is None else f'fold{int(key)}'
+
+
+def pseudo_normal_config_name(config, key: Optional[int]) -> str:
+  settings = dict(tumor_settings(config), normal_modality=config.dataset.normal_modality)
+  h, w = crop_hw(config)
+  return f'{key_name(key)}_k{int(config.data.k)}_{h}x{w}_{fingerprint(settings)}'
 
 
 def normal_settings(config, source: str) -> dict:
@@ -77,10 +88,27 @@ def normal_config_name(config, source: str, fold: int = 0) -> str:
   return f'{where}_{config.dataset.normal_modality}_{h}x{w}_{fingerprint(settings)}'
 
 
-def tumor_dir(config, data_dir, fold: int, *, with_pseudo_normal: bool) -> Path:
-  """The TumorSlices version directory (holding dataset_info.json) of a fold."""
-  return (Path(data_dir) / TUMOR_DATASET / tumor_config_name(config, fold, with_pseudo_normal)
+def tumor_dir(config, data_dir) -> Path:
+  """The TumorSlices version directory (holding dataset_info.json): every fold's slices."""
+  return Path(data_dir) / TUMOR_DATASET / tumor_config_name(config) / VERSION
+
+
+def pseudo_normal_dir(config, data_dir, key: Optional[int]) -> Path:
+  """The PseudoNormalSlices version directory of IntroVAE `key` (see key_name)."""
+  return (Path(data_dir) / PSEUDO_NORMAL_DATASET / pseudo_normal_config_name(config, key)
           / VERSION)
+
+
+def has_normal_cohort(prep_dir) -> bool:
+  """Whether a normal cohort was prepared (its reference or its subjects are in prep_dir)."""
+  prep_dir = Path(prep_dir)
+  return (normalize.normal_reference_path(prep_dir).exists() or
+          bool(store.prepared_ids(prep_dir / store.NORMAL_DIR)))
+
+
+def introvae_key(prep_dir, fold: int) -> Optional[int]:
+  """Which IntroVAE serves fold `fold`: None (the normal cohort's) or the fold's own."""
+  return None if has_normal_cohort(prep_dir) else int(fold)
 
 
 def normal_dir(config, data_dir, *, source: str, fold: int = 0) -> Path:

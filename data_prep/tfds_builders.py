@@ -1,19 +1,23 @@
-"""TFDS builders: 2.5D tumor slices per fold, and normal T1 slices for the IntroVAE.
+"""TFDS builders: 2.5D tumor slices (one set for every fold), each IntroVAE's pseudo-normal
+stacks beside them, and normal T1 slices for the IntroVAE.
 
-Both read prepared (MNI-space) cases from a prep folder (WORKDIR/prep) and write TFRecord
-shards under data_dir (WORKDIR/tfds), in process (no Beam). Examples are written in generation
-order (patient by patient, slice by slice; `disable_shuffling`), so shards are deterministic and
-evaluation reads slices in order; training draws them at random (clfc_jax/input_pipeline.py,
-which reads the shards without TensorFlow). Large tensors are zlib-encoded
-(the masked background compresses to almost nothing) and images are stored as float16.
+They read prepared (MNI-space) cases from a prep folder (WORKDIR/prep) and write TFRecord
+shards under data_dir (WORKDIR/tfds); the per-case work runs in config.prep.shard_workers
+spawned processes (data_prep/examples.py) and one TFDS writer encodes in order (no Beam).
+Examples are written in generation order (patient by patient, slice by slice;
+`disable_shuffling`), so shards are deterministic and evaluation reads slices in order;
+training draws them at random (clfc_jax/input_pipeline.py, which reads the shards without
+TensorFlow). Large tensors are zlib-encoded (the masked background compresses to almost
+nothing) and images are stored as float16.
 
-The dataset a builder writes is named by everything that changes its content (see
-data_prep/shards.py, which computes the names without TensorFlow for the readers), so a build
-with pseudo-normal stacks is a different dataset from one without and adding them later only
-rebuilds shards, not the registration.
+The tumor slices hold the fold-independent half of the histogram matching (data_prep/
+examples.py): the loader applies a fold's references, so five folds share one shard set and
+the fold's split picks its patients at read time. Dataset names (data_prep/shards.py, computed
+without TensorFlow for the readers) carry everything that changes the content.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Optional
@@ -24,7 +28,7 @@ from scipy import ndimage
 import tensorflow_datasets as tfds
 
 from data_prep import folds as folds_lib
-from data_prep import inputs, normalize, prepare, readers, shards, slices, store
+from data_prep import examples, inputs, normalize, prepare, readers, shards, store, tfrecord
 from data_prep.case import CaseError
 
 _ZLIB = tfds.features.Encoding.ZLIB
@@ -51,47 +55,45 @@ def _manual_cohort(dl_manager) -> Optional[Path]:
 
 
 class TumorSlices(tfds.core.GeneratorBasedBuilder):
-  """Every brain-containing axial slice of every patient, as 2.5D stacks, split by fold."""
+  """Every brain-containing axial slice of every tumour patient, as 2.5D stacks of the
+  fold-independent intensities, in one split 'all' (folds select patients when reading)."""
 
   VERSION = tfds.core.Version(shards.VERSION)
   RELEASE_NOTES = {'1.0.0': 'First version.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
-  def __init__(self, *, app_config, fold: int, with_pseudo_normal: bool,
-               prep_dir=None, pseudo_normal_dir=None, **kwargs):
-    """`app_config`: the project config; prep_dir / pseudo_normal_dir needed only to build."""
+  def __init__(self, *, app_config, prep_dir=None, **kwargs):
+    """`app_config`: the project config; prep_dir needed only to build."""
     c = app_config
     self._app_config = c
-    self._fold = int(fold)
     self._k = int(c.data.k)
-    self._crop_hw = tuple(int(x) for x in c.prep.crop_hw)
+    self._crop_hw = shards.crop_hw(c)
     self._modalities = tuple(c.dataset.modalities)
-    self._with_pseudo_normal = bool(with_pseudo_normal)
     self._prep_dir = Path(prep_dir) if prep_dir else None
-    self._pseudo_normal_dir = Path(pseudo_normal_dir) if pseudo_normal_dir else None
     h, w = self._crop_hw
-    settings = shards.tumor_settings(c)
     builder_config = tfds.core.BuilderConfig(
-        name=shards.tumor_config_name(c, self._fold, self._with_pseudo_normal),
-        version=self.VERSION,
-        description=f'test fold {self._fold}, K={self._k}, {h}x{w}, modalities '
-                    f'{",".join(self._modalities)}, pseudo-normal={self._with_pseudo_normal}; '
-                    f'settings {json.dumps(settings, sort_keys=True)}')
+        name=shards.tumor_config_name(c), version=self.VERSION,
+        description=f'every fold, K={self._k}, {h}x{w}, modalities '
+                    f'{",".join(self._modalities)}; settings '
+                    f'{json.dumps(shards.tumor_settings(c), sort_keys=True)}')
     super().__init__(config=builder_config, **kwargs)
 
   def _info(self):
     h, w = self._crop_hw
     n = 2 * self._k + 1
+    m = len(self._modalities)
+    percentiles = len(self._app_config.prep.hist.percentiles)
     return tfds.core.DatasetInfo(
         builder=self,
-        description='2.5D axial slices of MNI-aligned, histogram-matched tumor cases (CLFC).',
+        description='2.5D axial slices of MNI-aligned tumor cases; each modality linearly '
+                    'standardised by its own end landmarks (a fold\'s references finish the '
+                    'histogram matching when read).',
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(h, w, len(self._modalities) * n),
-                                          dtype=np.float16, encoding=_ZLIB),
-            'normal': tfds.features.Tensor(shape=(h, w, n), dtype=np.float16, encoding=_ZLIB),
-            'has_pseudo_normal': tfds.features.Scalar(dtype=np.bool_),
+            'image': tfds.features.Tensor(shape=(h, w, m * n), dtype=np.float16,
+                                          encoding=_ZLIB),
+            'landmarks': tfds.features.Tensor(shape=(m, percentiles), dtype=np.float32),
+            'brain': tfds.features.Tensor(shape=(h, w, n), dtype=np.bool_, encoding=_ZLIB),
             'label': tfds.features.Tensor(shape=(h, w), dtype=np.uint8, encoding=_ZLIB),
-            'brain': tfds.features.Tensor(shape=(h, w), dtype=np.bool_, encoding=_ZLIB),
             'patient': tfds.features.Text(),
             'slice': tfds.features.Scalar(dtype=np.int32),
             'has_tumor': tfds.features.Scalar(dtype=np.bool_),
@@ -110,53 +112,80 @@ class TumorSlices(tfds.core.GeneratorBasedBuilder):
       with c.unlocked():
         c.dataset.root = str(manual)
       prepare.prepare_cohort(readers.find_cases(c), c, cases_dir)
-    if not store.prepared_ids(cases_dir):
+    ids = store.prepared_ids(cases_dir)
+    if not ids:
       raise CaseError(cases_dir, 'no prepared cases and no manual_dir:\n' +
                       MANUAL_DOWNLOAD_INSTRUCTIONS)
-    split = folds_lib.prepared_split(self._prep_dir, c, self._fold)
-    refs = normalize.load_or_fit_references(
-        normalize.reference_path(self._prep_dir, self._fold), cases_dir,
-        split['train'] + split['val'], self._modalities, c)
-    return {name: self._generate_examples(ids, refs) for name, ids in split.items() if ids}
+    return {shards.ALL_SPLIT: self._generate_examples(cases_dir, ids)}
 
-  def _generate_examples(self, case_ids, refs):
-    for case_id in case_ids:
-      yield from self._case_examples(case_id, refs)
+  def _generate_examples(self, cases_dir, case_ids):
+    make = functools.partial(examples.tumor_records, cases_dir, config=self._app_config)
+    workers = examples.default_workers(self._app_config.prep.get('shard_workers', 0))
+    for records in examples.ordered_map(make, case_ids, workers):
+      yield from records
 
-  def _pseudo_normal(self, case_id, shape):
-    if not self._with_pseudo_normal or self._pseudo_normal_dir is None:
-      return None
-    path = self._pseudo_normal_dir / f'{case_id}.npz'
-    t1 = inputs.load_pseudo_normal(path, shape, missing_ok=True)
-    if t1 is None:
-      logging.warning('no pseudo-normal T1 for %s (%s): zeros, has_pseudo_normal=False',
-                      case_id, path)
-    return t1
 
-  def _case_examples(self, case_id, refs):
-    c = self._app_config
+class PseudoNormalSlices(tfds.core.GeneratorBasedBuilder):
+  """One IntroVAE's pseudo-normal T1 slices [H, W] beside TumorSlices: per patient, every slice
+  within K of its tumour-shard slices, keyed by (patient, slice); the loader stacks them.
+  Adding them rewrites no image."""
+
+  VERSION = tfds.core.Version(shards.VERSION)
+  RELEASE_NOTES = {'1.0.0': 'First version.'}
+
+  def __init__(self, *, app_config, key: Optional[int], prep_dir=None, pseudo_normal_dir=None,
+               **kwargs):
+    """key: the IntroVAE (None: the normal cohort's; k: fold k's); the dirs only to build."""
+    c = app_config
+    self._app_config = c
+    self._key = key
+    self._k = int(c.data.k)
+    self._crop_hw = shards.crop_hw(c)
+    self._prep_dir = Path(prep_dir) if prep_dir else None
+    self._pseudo_normal_dir = Path(pseudo_normal_dir) if pseudo_normal_dir else None
+    self._data_root = Path(kwargs['data_dir'])
+    builder_config = tfds.core.BuilderConfig(
+        name=shards.pseudo_normal_config_name(c, key), version=self.VERSION,
+        description=f'pseudo-normal stacks of IntroVAE {shards.key_name(key)} beside tumor '
+                    f'slices {shards.tumor_config_name(c)}')
+    super().__init__(config=builder_config, **kwargs)
+
+  def _info(self):
+    h, w = self._crop_hw
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='Pseudo-normal T1 axial slices in [-1, 1], keyed by patient and slice.',
+        features=tfds.features.FeaturesDict({
+            'normal': tfds.features.Tensor(shape=(h, w), dtype=np.float16, encoding=_ZLIB),
+            'has_pseudo_normal': tfds.features.Scalar(dtype=np.bool_),
+            'patient': tfds.features.Text(),
+            'slice': tfds.features.Scalar(dtype=np.int32),
+        }),
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    if self._prep_dir is None or self._pseudo_normal_dir is None:
+      raise ValueError('PseudoNormalSlices: pass prep_dir and pseudo_normal_dir to build')
+    tumor = shards.tumor_dir(self._app_config, self._data_root)
+    if not shards.is_built(tumor):
+      raise CaseError(tumor, 'build the tumor slices before their pseudo-normal companion')
+    source = tfrecord.ShardSource(tumor, shards.ALL_SPLIT)
+    per_case = {}   # patient -> its slices, in record order (patients are contiguous).
+    for patient, s in zip(source.column('patient'), source.column('slice')):
+      per_case.setdefault(bytes(patient).decode(), []).append(int(s))
+    return {shards.ALL_SPLIT: self._generate_examples(per_case)}
+
+  def _generate_examples(self, per_case):
     cases_dir = self._prep_dir / store.CASES_DIR
-    where = cases_dir / f'{case_id}.npz'
-    pc = store.load_prepared(cases_dir, case_id)
-    inputs.check_case(pc, self._modalities, self._crop_hw, where)
-    if pc.label is None:
-      raise CaseError(where, 'tumor case without a label')
-    matched = inputs.matched_modalities(pc, refs, self._modalities, c, where)
-    tumor = pc.label > 0
-    pseudo = self._pseudo_normal(case_id, pc.brain.shape)
-    zeros = np.zeros(self._crop_hw + (2 * self._k + 1,), np.float16)
-    for s in inputs.brain_slices(pc.brain, c.data.min_brain_fraction):
-      yield f'{case_id}_{s:04d}', {
-          'image': slices.slice_stack(matched, s, self._k).astype(np.float16),
-          'normal': (zeros if pseudo is None else
-                     slices.stack_25d(pseudo, s, self._k).astype(np.float16)),
-          'has_pseudo_normal': pseudo is not None,
-          'label': tumor[s].astype(np.uint8),
-          'brain': pc.brain[s],
-          'patient': case_id,
-          'slice': int(s),
-          'has_tumor': bool(tumor[s].any()),
-      }
+    for case_id, slice_ids in per_case.items():
+      path = self._pseudo_normal_dir / f'{case_id}.npz'
+      records = examples.pseudo_normal_records(cases_dir, path, case_id, slice_ids, self._k)
+      if not records[0][1]['has_pseudo_normal']:
+        logging.warning('no pseudo-normal T1 for %s (%s): zeros, has_pseudo_normal=False',
+                        case_id, path)
+      yield from records
 
 
 class NormalT1Slices(tfds.core.GeneratorBasedBuilder):
@@ -248,14 +277,23 @@ class NormalT1Slices(tfds.core.GeneratorBasedBuilder):
                                      'patient': case_id, 'slice': int(s)}
 
 
-def tumor_slices_builder(config, data_dir, fold: int, *, with_pseudo_normal: bool,
-                         prep_dir=None, pseudo_normal_dir=None) -> TumorSlices:
-  """The fold's builder; prep_dir / pseudo_normal_dir default to data_dir's WORKDIR siblings."""
-  return TumorSlices(app_config=config, fold=fold, with_pseudo_normal=with_pseudo_normal,
-                     prep_dir=prep_dir or shards.default_dir(data_dir, 'prep'),
-                     pseudo_normal_dir=(pseudo_normal_dir or
-                                        shards.default_dir(data_dir, 'pseudo_normal')),
+def tumor_slices_builder(config, data_dir, *, prep_dir=None) -> TumorSlices:
+  """Every fold's tumor slices; prep_dir defaults to data_dir's WORKDIR sibling."""
+  return TumorSlices(app_config=config, prep_dir=prep_dir or shards.default_dir(data_dir, 'prep'),
                      data_dir=str(data_dir))
+
+
+def pseudo_normal_builder(config, data_dir, key: Optional[int], *, prep_dir=None,
+                          pseudo_normal_dir=None) -> PseudoNormalSlices:
+  """IntroVAE `key`'s pseudo-normal stacks; the dirs default to data_dir's WORKDIR siblings
+  (WORKDIR/pseudo_normal[/fold<k>])."""
+  if pseudo_normal_dir is None:
+    pseudo_normal_dir = shards.default_dir(data_dir, 'pseudo_normal')
+    if key is not None:
+      pseudo_normal_dir = pseudo_normal_dir / f'fold{int(key)}'
+  return PseudoNormalSlices(app_config=config, key=key,
+                            prep_dir=prep_dir or shards.default_dir(data_dir, 'prep'),
+                            pseudo_normal_dir=pseudo_normal_dir, data_dir=str(data_dir))
 
 
 def normal_t1_builder(config, data_dir, *, fold: int = 0, prep_dir=None,

@@ -44,8 +44,8 @@ def two_process_run(tmp_path_factory):
   import distributed_worker  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('dist')
   toy_prepared_cohort(root / 'prep', num_cases=6, z=8, seed=2)
-  tfds_builders.build(tfds_builders.tumor_slices_builder(
-      distributed_worker.tiny_config(0, 0), root / 'tfds', 0, with_pseudo_normal=False))
+  tfds_builders.build(tfds_builders.tumor_slices_builder(distributed_worker.tiny_config(0, 0),
+                                                         root / 'tfds'))
   port = _free_port()
   outs = [root / f'process{i}.json' for i in range(2)]
   procs = [subprocess.Popen(

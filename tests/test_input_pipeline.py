@@ -5,8 +5,9 @@ equal to TFDS's.
 Training batches differ from the tf.data reader's by design, so no test compares them: that
 reader shuffled a few shards' records in a buffer (an epoch came from a handful of patients,
 each slice equally likely), while this one draws every sample from (seed, step, slot): a
-patient uniformly, then one of its slices. Evaluation reads the same records in the same order
-as before, so eval_iterator is compared with tfds.as_numpy example by example.
+patient uniformly, then one of its slices. One shard set serves every fold: a fold's split and
+histogram references are applied when reading, and what comes out equals bitwise what
+evaluation and new patients are fed (data_prep.inputs.case_inputs).
 """
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from benchmarks.pipeline import toy_prepared_cohort
 from clfc_jax import input_pipeline
 from configs import default
-from data_prep import folds, normalize, shards, store, tfds_builders, tfrecord
+from data_prep import folds, inputs, normalize, shards, store, tfds_builders, tfrecord
 
 MODS = ('t1', 'flair')
 FOLD = 0
@@ -65,9 +66,9 @@ def data_dir(tmp_path_factory):
   for cid in store.prepared_ids(root / 'prep' / 'cases'):
     pc = store.load_prepared(root / 'prep' / 'cases', cid)
     np.savez(root / 'pseudo_normal' / f'{cid}.npz',
-             t1=normalize.apply_reference(pc.modality('t1'), pc.brain, refs['t1'], c))
-  tfds_builders.build(tfds_builders.tumor_slices_builder(c, root / 'tfds', FOLD,
-                                                         with_pseudo_normal=True))
+             t1=inputs.as_in_shards(inputs.matched_modalities(pc, refs, ('t1',), c)[0]))
+  tfds_builders.build(tfds_builders.tumor_slices_builder(c, root / 'tfds'))
+  tfds_builders.build(tfds_builders.pseudo_normal_builder(c, root / 'tfds', None))
   tfds_builders.build(tfds_builders.normal_t1_builder(c, root / 'tfds'))
   return root / 'tfds'
 
@@ -170,9 +171,9 @@ def test_patients_are_drawn_uniformly_not_by_their_number_of_slices(data_dir):
   uniform; drawing slices uniformly instead would be far outside (patients have 7-16 slices)."""
   c = small_config()
   c.model.use_normal_net = False
-  source_dir, _ = input_pipeline.tumor_dataset_dir(c, data_dir, FOLD)
-  source = tfrecord.ShardSource(source_dir, 'train')
-  patients, tumor = source.column('patient'), source.column('has_tumor')
+  read, records = input_pipeline.fold_records(c, data_dir, FOLD, 'train')
+  patients = read.source.column('patient')[records]
+  tumor = read.source.column('has_tumor')[records]
   names, slices = np.unique(patients, return_counts=True)
   tumor_names = np.unique(patients[tumor])
   assert len(names) >= 4 and slices.max() >= 2 * slices.min()
@@ -230,27 +231,58 @@ def test_spatial_and_intensity_augmentation_stays_aligned(data_dir):
   assert not np.allclose(b['normal'], b['image'][..., :2 * k + 1], atol=1e-3)
 
 
-def _tfds_examples(c, data_dir, split):
+def _tfds_records(c, data_dir):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds_builders.tumor_slices_builder(c, data_dir, FOLD, with_pseudo_normal=True)
-  return list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+  builder = tfds_builders.tumor_slices_builder(c, data_dir)
+  return list(tfds.as_numpy(builder.as_dataset(split=shards.ALL_SPLIT, shuffle_files=False)))
 
 
-@pytest.mark.parametrize('split', ['train', 'test'])
-def test_eval_iterator_yields_what_tfds_yields_in_order(data_dir, split):
+@pytest.mark.parametrize('fold,split', [(FOLD, 'train'), (FOLD, 'test'), (2, 'val')])
+def test_eval_iterator_gives_the_folds_patients_as_evaluation_sees_them(data_dir, fold, split):
+  """Fold `fold`'s `split` patients, in TFDS's record order, and every slice bitwise what
+  inputs.case_inputs (evaluation, new patients) feeds with that fold's references."""
   c = small_config()
-  want = _tfds_examples(c, data_dir, split)
+  prep = data_dir.parent / 'prep'
+  ids = folds.prepared_split(prep, c, fold)
+  refs = normalize.load_or_fit_references(normalize.reference_path(prep, fold), prep / 'cases',
+                                          ids['train'] + ids['val'], MODS, c)
+  want = [(r['patient'], int(r['slice'])) for r in _tfds_records(c, data_dir)
+          if r['patient'].decode() in ids[split]]
   got = [{k: v[i] for k, v in b.items()}
-         for b in input_pipeline.eval_iterator(c, data_dir, FOLD, split, 7)
+         for b in input_pipeline.eval_iterator(c, data_dir, fold, split, 7)
          for i in np.flatnonzero(b['valid'])]
-  assert len(got) == len(want) == input_pipeline.num_examples(c, data_dir, FOLD, split)
-  casts = {'image': np.float32, 'normal': np.float32, 'label': np.int32, 'brain': bool,
-           'slice': np.int32}
-  for g, w in zip(got, want):
-    assert g['patient'] == w['patient']
-    for key, dtype in casts.items():
-      assert g[key].dtype == dtype
-      np.testing.assert_array_equal(g[key], w[key].astype(dtype), err_msg=key)
+  assert [(g['patient'], int(g['slice'])) for g in got] == want
+  assert len(got) == input_pipeline.num_examples(c, data_dir, fold, split) > 0
+  cases = {}
+  for g in got:
+    cid = g['patient'].decode()
+    if cid not in cases:
+      pc = store.load_prepared(prep / 'cases', cid)
+      with np.load(data_dir.parent / 'pseudo_normal' / f'{cid}.npz') as z:
+        pn = z['t1']
+      cases[cid] = (inputs.case_inputs(pc, refs, c, pseudo_normal=pn), pc)
+    case, pc = cases[cid]
+    s = int(g['slice'])
+    np.testing.assert_array_equal(g['image'], case['image'][s])
+    np.testing.assert_array_equal(g['normal'], case['normal'][s])
+    np.testing.assert_array_equal(g['label'], pc.label[s] > 0)
+    np.testing.assert_array_equal(g['brain'], pc.brain[s])
+    assert g['image'].dtype == g['normal'].dtype == np.float32 and g['label'].dtype == np.int32
+
+
+def test_one_shard_set_serves_every_fold(data_dir):
+  """The folds read the same records (no per-fold copy) and differ only in their references."""
+  c = small_config()
+  assert [d.name for d in (data_dir / shards.TUMOR_DATASET).iterdir()] == [
+      shards.tumor_config_name(c)]
+  read0, _ = input_pipeline.fold_records(c, data_dir, 0, 'test')
+  read1, records1 = input_pipeline.fold_records(c, data_dir, 1, 'test')
+  i = int(records1[0])
+  a, b = read0(i), read1(i)
+  assert (a['patient'], a['slice']) == (b['patient'], b['slice'])
+  np.testing.assert_array_equal(a['label'], b['label'])
+  assert not np.array_equal(a['image'], b['image'])   # fold 0's and fold 1's references.
+  np.testing.assert_array_equal(a['image'] == 0, b['image'] == 0)   # same brain.
 
 
 def test_eval_iterator_ordered_once_with_padding_and_process_parts(data_dir):
@@ -286,9 +318,12 @@ def test_normal_t1_iterator(data_dir):
 
 def test_missing_shards_name_what_to_build(data_dir, tmp_path):
   c = small_config()
-  with pytest.raises(FileNotFoundError, match='no TFDS shards for fold 1'):
+  c.data.k = 1   # another data setting: no shards of it yet.
+  with pytest.raises(FileNotFoundError, match='tumor shards not built yet'):
     input_pipeline.train_iterator(c, data_dir, 1, global_batch_size=6, seed=0,
                                   process_index=0, process_count=1)
   with pytest.raises(FileNotFoundError, match='normal T1 slices not built'):
     input_pipeline.num_normal_slices(c, tmp_path / 'tfds')
-  assert shards.is_built(input_pipeline.tumor_dataset_dir(c, data_dir, FOLD)[0])
+  c = small_config()
+  assert shards.is_built(shards.tumor_dir(c, data_dir))
+  assert shards.is_built(shards.pseudo_normal_dir(c, data_dir, None))

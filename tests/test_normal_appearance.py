@@ -16,7 +16,7 @@ from clfc_jax.train import introvae_steps as introvae_train
 from clfc_jax.train import introvae_trainer as trainer
 from clfc_jax.workdir import Workdir
 from configs import default
-from data_prep import folds, normalize, store, tfds_builders
+from data_prep import folds, normalize, shards, store, tfds_builders
 
 MODS = ('t1', 'flair')
 Z, HW = 12, (32, 32)
@@ -126,7 +126,7 @@ def test_epoch_stream_depends_only_on_seed_and_epoch():
 def pseudo(work):
   wd = work['wd']
   c = tiny_config(epochs=2)
-  summary = pseudo_normal.make_pseudo_normals(c, wd, folds=[0])
+  summary = pseudo_normal.make_pseudo_normals(c, wd)
   mtimes = {p.name: p.stat().st_mtime_ns for p in wd.pseudo_normal.glob('*.npz')}
   rerun = pseudo_normal.make_pseudo_normals(c, wd, build_shards=False)
   return {'summary': summary, 'rerun': rerun, 'mtimes': mtimes, 'config': c}
@@ -192,14 +192,14 @@ def test_fidelity_report_fields(work, pseudo):
 
 def test_shards_carry_the_pseudo_normal_stacks(work, pseudo):
   wd, c = work['wd'], pseudo['config']
-  assert set(pseudo['summary']['shards']) == {0}
-  builder = tfds_builders.tumor_slices_builder(c, wd.tfds, 0, with_pseudo_normal=True)
+  assert pseudo['summary']['shards'][shards.ALL_SPLIT] > 0
+  builder = tfds_builders.pseudo_normal_builder(c, wd.tfds, None)
   assert builder.is_prepared()
-  ex = next(iter(builder.as_dataset(split='test').as_numpy_iterator()))
+  ex = next(iter(builder.as_dataset(split=shards.ALL_SPLIT).as_numpy_iterator()))
   assert ex['has_pseudo_normal']
   with np.load(wd.pseudo_normal / f'{ex["patient"].decode()}.npz') as z:
     centre = z['t1'][int(ex['slice'])]
-  np.testing.assert_array_equal(ex['normal'][..., c.data.k], centre)
+  np.testing.assert_array_equal(ex['normal'], centre)
 
 
 def test_nan_in_training_raises_a_clear_error(work, tmp_path):

@@ -1,12 +1,14 @@
-"""TFDS builders: contract shapes/dtypes, patient-wise splits, matching, pseudo-normal stacks."""
+"""TFDS builders: one tumor shard set for every fold (stored half of the matching, every brain
+slice once), the pseudo-normal companion record for record, normal T1 slices, determinism."""
 from pathlib import Path
+import re
 
 import numpy as np
 import pytest
 
 from benchmarks.pipeline import toy_prepared_cohort
 from configs import default
-from data_prep import folds, normalize, slices, store, tfds_builders
+from data_prep import folds, normalize, shards, slices, store, tfds_builders
 from data_prep.case import CaseError
 
 MODS = ('t1', 'flair')
@@ -22,7 +24,7 @@ def small_config():
   return c
 
 
-def _read_all(builder, split):
+def _read_all(builder, split=shards.ALL_SPLIT):
   return list(builder.as_dataset(split=split).as_numpy_iterator())
 
 
@@ -36,85 +38,103 @@ def built(tmp_path_factory):
     (root / 'pseudo_normal').mkdir(exist_ok=True)
     np.savez(root / 'pseudo_normal' / f'{cid}.npz',
              t1=rng.uniform(-1, 1, (12, 32, 32)).astype(np.float32))
-  plain = tfds_builders.build(tfds_builders.tumor_slices_builder(
-      c, root / 'tfds', 1, with_pseudo_normal=False))
-  with_pn = tfds_builders.build(tfds_builders.tumor_slices_builder(
-      c, root / 'tfds', 1, with_pseudo_normal=True))
-  return {'root': root, 'config': c, 'ids': ids, 'plain': plain, 'pn': with_pn,
-          'examples': {s: _read_all(plain, s) for s in ('train', 'val', 'test')},
-          'pn_examples': _read_all(with_pn, 'train') + _read_all(with_pn, 'val') +
-                         _read_all(with_pn, 'test')}
+  tumor = tfds_builders.build(tfds_builders.tumor_slices_builder(c, root / 'tfds'))
+  pn = tfds_builders.build(tfds_builders.pseudo_normal_builder(c, root / 'tfds', None))
+  return {'root': root, 'config': c, 'ids': ids, 'tumor': tumor, 'pn': pn,
+          'examples': _read_all(tumor), 'pn_examples': _read_all(pn)}
 
 
-def test_examples_match_the_batch_contract(built):
+def test_examples_hold_the_stored_half_and_a_brain_stack(built):
   c = built['config']
-  ex = built['examples']['train'][0]
+  ex = built['examples'][0]
   n = 2 * c.data.k + 1
   assert ex['image'].shape == (32, 32, len(MODS) * n) and ex['image'].dtype == np.float16
-  assert ex['normal'].shape == (32, 32, n)
+  assert ex['landmarks'].shape == (len(MODS), len(c.prep.hist.percentiles))
   assert ex['label'].shape == (32, 32) and ex['label'].dtype == np.uint8
-  assert ex['brain'].shape == (32, 32) and ex['brain'].dtype == bool
+  assert ex['brain'].shape == (32, 32, n) and ex['brain'].dtype == bool
   assert isinstance(ex['patient'], bytes) and ex['slice'].dtype == np.int32
-  assert built['plain'].builder_config.name != built['pn'].builder_config.name
+  assert 'normal' not in ex
+  assert list(built['tumor'].info.splits) == [shards.ALL_SPLIT]
 
 
-def test_every_brain_slice_in_exactly_one_split_patient_wise(built):
+def test_every_brain_slice_of_every_patient_once_in_order(built):
   root, c = built['root'], built['config']
-  split = folds.prepared_split(root / 'prep', c, 1)
-  seen = {}
-  for name, examples in built['examples'].items():
-    patients = {e['patient'].decode() for e in examples}
-    assert patients == set(split[name])
-    for e in examples:
-      key = (e['patient'].decode(), int(e['slice']))
-      assert key not in seen
-      seen[key] = name
-  expected = set()
-  for cid in built['ids']:
+  keys = [(e['patient'].decode(), int(e['slice'])) for e in built['examples']]
+  expected = []
+  for cid in sorted(built['ids']):
     pc = store.load_prepared(root / 'prep' / 'cases', cid)
     frac = pc.brain.mean(axis=(1, 2))
-    expected |= {(cid, s) for s in np.flatnonzero(frac >= c.data.min_brain_fraction)}
-  assert set(seen) == expected
-  # The examples of a split are stored in order: patient by patient, slice by slice.
-  keys = [(e['patient'], int(e['slice'])) for e in built['examples']['test']]
-  assert keys == sorted(keys)
+    expected += [(cid, int(s)) for s in np.flatnonzero(frac >= c.data.min_brain_fraction)]
+  assert keys == expected   # patient by patient, slice by slice, each once.
 
 
-def test_images_are_matched_with_the_folds_training_references(built):
+def test_stored_half_finishes_into_the_folds_matching(built):
+  """Stored values mapped from their landmarks onto fold 1's references are the exact
+  histogram matching (normalize.apply_reference) to float16 precision."""
   root, c = built['root'], built['config']
   split = folds.prepared_split(root / 'prep', c, 1)
-  refs_path = root / 'prep' / 'hist_refs_fold1.json'
-  assert normalize.references_fitted_on(refs_path) == sorted(split['train'] + split['val'])
-  refs = normalize.load_references(refs_path)
-  ex = built['examples']['test'][3]
+  refs = normalize.load_or_fit_references(normalize.reference_path(root / 'prep', 1),
+                                          root / 'prep' / 'cases', split['train'] + split['val'],
+                                          MODS, c)
+  k, n = c.data.k, 2 * c.data.k + 1
+  ex = built['examples'][7]
   pc = store.load_prepared(root / 'prep' / 'cases', ex['patient'].decode())
   matched = np.stack([normalize.apply_reference(pc.modality(m), pc.brain, refs[m], c)
                       for m in MODS])
-  want = slices.slice_stack(matched, int(ex['slice']), c.data.k)
-  np.testing.assert_allclose(ex['image'].astype(np.float32), want, rtol=2e-3, atol=2e-3)
+  want = slices.slice_stack(matched, int(ex['slice']), k)
+  stored = ex['image'].reshape(32, 32, len(MODS), n)
+  got = np.stack([normalize.apply_stored(stored[..., j, :], ex['brain'], ex['landmarks'][j],
+                                         refs[m]) for j, m in enumerate(MODS)], 2)
+  np.testing.assert_allclose(got.reshape(want.shape), want, rtol=2e-3, atol=2e-3)
   s = int(ex['slice'])
   np.testing.assert_array_equal(ex['label'], (pc.label[s] > 0).astype(np.uint8))
-  np.testing.assert_array_equal(ex['brain'], pc.brain[s])
-  for e in built['examples']['train']:
+  np.testing.assert_array_equal(ex['brain'], slices.stack_25d(pc.brain, s, k))
+  for e in built['examples']:
     assert bool(e['has_tumor']) == bool(e['label'].any())
-  assert any(e['has_tumor'] for e in built['examples']['train'])
-  assert not all(e['has_tumor'] for e in built['examples']['train'])
+  assert any(e['has_tumor'] for e in built['examples'])
+  assert not all(e['has_tumor'] for e in built['examples'])
 
 
-def test_pseudo_normal_present_or_absent(built):
+def test_pseudo_normal_companion_holds_each_patients_slices_and_their_neighbours(built):
+  """One slice per record: per patient, every slice within K of its tumour records (clipped
+  to the volume), so every 2.5D stack can be assembled; the stored values are the volume's."""
   root, k = built['root'], built['config'].data.k
-  for e in built['examples']['train']:
-    assert not e['has_pseudo_normal'] and not e['normal'].any()
+  tumor = {}
+  for e in built['examples']:
+    tumor.setdefault(e['patient'].decode(), []).append(int(e['slice']))
+  companion = {}
+  for e in built['pn_examples']:
+    companion.setdefault(e['patient'].decode(), []).append(int(e['slice']))
+  assert list(companion) == list(tumor)   # same patients, same order.
+  for cid, got in companion.items():
+    z = store.load_prepared(root / 'prep' / 'cases', cid).brain.shape[0]
+    assert got == list(range(max(0, min(tumor[cid]) - k), min(z - 1, max(tumor[cid]) + k) + 1))
   volumes = {cid: np.load(root / 'pseudo_normal' / f'{cid}.npz')['t1'] for cid in PN_IDS}
   for e in built['pn_examples']:
     cid = e['patient'].decode()
+    assert e['normal'].shape == (32, 32)
     if cid in volumes:
       assert e['has_pseudo_normal']
-      np.testing.assert_allclose(e['normal'].astype(np.float32),
-                                 slices.stack_25d(volumes[cid], int(e['slice']), k),
-                                 atol=1e-3)
+      np.testing.assert_array_equal(e['normal'],
+                                    volumes[cid][int(e['slice'])].astype(np.float16))
     else:
       assert not e['has_pseudo_normal'] and not e['normal'].any()
+
+
+@pytest.mark.parametrize('workers', [1, 2])
+def test_shards_are_deterministic_in_process_or_in_workers(built, tmp_path, workers):
+  """A rebuild, in this process or in config.prep.shard_workers spawned processes, writes
+  byte-identical shards."""
+  c = built['config'].copy_and_resolve_references()
+  c.prep.shard_workers = workers
+  again = tfds_builders.build(tfds_builders.tumor_slices_builder(
+      c, tmp_path / 'tfds', prep_dir=built['root'] / 'prep'))
+  shard = re.compile(r'\.tfrecord-\d{5}-of-\d{5}$')   # not the readers' index sidecars.
+  first = sorted(p for p in Path(built['tumor'].data_dir).iterdir() if shard.search(p.name))
+  second = sorted(p for p in Path(again.data_dir).iterdir() if shard.search(p.name))
+  assert [p.name for p in first] == [p.name for p in second] and first
+  for x, y in zip(first, second):
+    assert x.read_bytes() == y.read_bytes()
 
 
 def test_normal_t1_slices_and_fallback(built):
@@ -140,26 +160,16 @@ def test_normal_t1_slices_and_fallback(built):
 
 
 def test_missing_prepared_cases_is_a_clear_error(tmp_path):
-  builder = tfds_builders.tumor_slices_builder(small_config(), tmp_path / 'tfds', 0,
-                                               with_pseudo_normal=False)
+  builder = tfds_builders.tumor_slices_builder(small_config(), tmp_path / 'tfds')
   with pytest.raises(CaseError, match='no prepared cases'):
     tfds_builders.build(builder)
-
-
-def test_shards_are_deterministic(built, tmp_path):
-  again = tfds_builders.build(tfds_builders.tumor_slices_builder(
-      built['config'], tmp_path / 'tfds', 1, with_pseudo_normal=False,
-      prep_dir=built['root'] / 'prep'))
-  first = sorted(p for p in Path(built['plain'].data_dir).iterdir() if '.tfrecord' in p.name)
-  second = sorted(p for p in Path(again.data_dir).iterdir() if '.tfrecord' in p.name)
-  assert [p.name for p in first] == [p.name for p in second] and first
-  for a, b in zip(first, second):
-    assert a.read_bytes() == b.read_bytes()
+  with pytest.raises(CaseError, match='build the tumor slices before'):
+    tfds_builders.build(tfds_builders.pseudo_normal_builder(small_config(), tmp_path / 'tfds',
+                                                            None))
 
 
 def test_case_with_wrong_crop_names_the_file(tmp_path):
   c = small_config()
   toy_prepared_cohort(tmp_path / 'prep', num_cases=3, z=6, hw=(16, 16), modalities=MODS)
   with pytest.raises(CaseError, match=r'P00\d\.npz.*crop'):
-    tfds_builders.build(tfds_builders.tumor_slices_builder(c, tmp_path / 'tfds', 0,
-                                                           with_pseudo_normal=False))
+    tfds_builders.build(tfds_builders.tumor_slices_builder(c, tmp_path / 'tfds'))

@@ -13,12 +13,13 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from benchmarks.pipeline import toy_prepared_cohort, write_toy_pseudo_normals
+from benchmarks.pipeline import toy_prepared_cohort
 from configs import default, demo
-from data_prep import tfds_builders, tfrecord
+from data_prep import shards, tfds_builders, tfrecord
 
 import no_tensorflow
 
+SPLIT = shards.ALL_SPLIT
 MODS = ('t1', 'flair')
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,16 +35,14 @@ def small_config():
 
 @pytest.fixture(scope='module')
 def built(tmp_path_factory):
-  """TumorSlices with pseudo-normal stacks for some cases (so every feature varies), written
-  as 3 shards per split (as a BraTS-size split is) to check the order across shards."""
+  """TumorSlices (zlib float16 / bool / uint8 tensors, a plain float32 tensor, text, scalars),
+  written as 3 shards (as a BraTS-size split is) to check the order across shards."""
   root = tmp_path_factory.mktemp('work')
-  ids = toy_prepared_cohort(root / 'prep', num_cases=6, modalities=MODS, seed=4)
-  write_toy_pseudo_normals(root / 'prep', root / 'pseudo_normal', ids[::2])
-  builder = tfds_builders.tumor_slices_builder(small_config(), root / 'tfds', 0,
-                                               with_pseudo_normal=True)
+  toy_prepared_cohort(root / 'prep', num_cases=6, modalities=MODS, seed=4)
+  builder = tfds_builders.tumor_slices_builder(small_config(), root / 'tfds')
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       try_download_gcs=False, num_shards=3))
-  assert len(list(Path(builder.data_dir).glob('*-train.tfrecord-*-of-00003'))) == 3
+  assert len(list(Path(builder.data_dir).glob(f'*-{SPLIT}.tfrecord-*-of-00003'))) == 3
   return Path(builder.data_dir)
 
 
@@ -64,16 +63,15 @@ def _assert_same(got, want):
       assert g.tobytes() == w.tobytes(), key
 
 
-@pytest.mark.parametrize('split', ['train', 'test'])
-def test_same_examples_as_tfds_in_the_same_order(built, split):
+def test_same_examples_as_tfds_in_the_same_order(built, split=SPLIT):
   source = tfrecord.ShardSource(built, split)     # writes the sidecars before TFDS reads.
   want = _tfds_examples(built, split)
   assert len(source) == len(want) > 0
   for i, w in enumerate(want):
     _assert_same(source[i], w)
   assert source[-1]['slice'] == want[-1]['slice']
-  assert any(w['has_pseudo_normal'] for w in want) or split == 'test'
-  for name in ('patient', 'slice', 'has_tumor', 'has_pseudo_normal'):
+  assert any(w['has_tumor'] for w in want) and not all(w['has_tumor'] for w in want)
+  for name in ('patient', 'slice', 'has_tumor'):
     column = source.column(name)
     assert len(column) == len(want)
     assert [c for c in column] == [w[name] for w in want]
@@ -145,7 +143,7 @@ def test_every_tensor_encoding_and_dtype_matches_tfds(tmp_path):
 
 
 def test_pickles_without_its_files_and_reads_after_fork(built):
-  source = tfrecord.ShardSource(built, 'train')
+  source = tfrecord.ShardSource(built, SPLIT)
   first = source[0]
   clone = pickle.loads(pickle.dumps(source))
   _assert_same(clone[0], first)
@@ -170,7 +168,7 @@ def test_pickles_without_its_files_and_reads_after_fork(built):
 _NO_TF = no_tensorflow.BLOCK_TENSORFLOW + textwrap.dedent('''
   import hashlib
   from data_prep import tfrecord
-  source = tfrecord.ShardSource(sys.argv[1], 'train', cache=False)
+  source = tfrecord.ShardSource(sys.argv[1], sys.argv[2], cache=False)
   digest = hashlib.sha256()
   for i in range(len(source)):
     for key, value in sorted(source[i].items()):
@@ -183,13 +181,13 @@ _NO_TF = no_tensorflow.BLOCK_TENSORFLOW + textwrap.dedent('''
 
 
 def test_reads_where_tensorflow_cannot_be_imported(built):
-  out = subprocess.run([sys.executable, '-c', _NO_TF, str(built)], capture_output=True,
+  out = subprocess.run([sys.executable, '-c', _NO_TF, str(built), SPLIT], capture_output=True,
                        text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                        check=False, timeout=60)
   assert out.returncode == 0, out.stderr[-2000:]
   import hashlib  # pylint: disable=g-import-not-at-top
   digest = hashlib.sha256()
-  want = _tfds_examples(built, 'train')
+  want = _tfds_examples(built, SPLIT)
   for w in want:
     for key, value in sorted(w.items()):
       digest.update(value if isinstance(value, bytes) else value.tobytes())
@@ -199,7 +197,7 @@ def test_reads_where_tensorflow_cannot_be_imported(built):
 
 def _copy_dataset(built, dest) -> Path:
   shutil.copytree(built, dest, ignore=shutil.ignore_patterns('*.npz'))
-  return next(dest.glob('*-train.tfrecord-00000-of-*'))
+  return next(dest.glob(f'*-{SPLIT}.tfrecord-00000-of-*'))
 
 
 def _flip(path, offset):
@@ -213,7 +211,7 @@ def test_a_corrupt_payload_names_the_file_and_offset(built, tmp_path):
   records = tfrecord.index_records(shard, cache=False)
   offset, length = records[2]
   _flip(shard, int(offset + length // 2))
-  source = tfrecord.ShardSource(shard.parent, 'train')   # indexing reads headers only.
+  source = tfrecord.ShardSource(shard.parent, SPLIT)   # indexing reads headers only.
   source[1]
   with pytest.raises(tfrecord.RecordError, match='payload CRC mismatch') as e:
     source[2]
@@ -228,7 +226,7 @@ def test_a_corrupt_length_names_the_file_and_offset(built, tmp_path):
   header = int(tfrecord.index_records(shard, cache=False)[3, 0]) - 12
   _flip(shard, header + 1)
   with pytest.raises(tfrecord.RecordError, match='header CRC mismatch') as e:
-    tfrecord.ShardSource(shard.parent, 'train')
+    tfrecord.ShardSource(shard.parent, SPLIT)
   assert str(shard) in str(e.value) and f'at byte {header}:' in str(e.value)
   # A truncated file is named too.
   _flip(shard, header + 1)
@@ -286,12 +284,10 @@ def _speed(config, tmp_path, name):
   c = config
   c.data.num_folds = 3
   mods = tuple(c.dataset.modalities)
-  ids = toy_prepared_cohort(tmp_path / name / 'prep', num_cases=3, z=8,
-                            hw=tuple(c.prep.crop_hw), modalities=mods)
-  write_toy_pseudo_normals(tmp_path / name / 'prep', tmp_path / name / 'pseudo_normal', ids)
-  builder = tfds_builders.build(tfds_builders.tumor_slices_builder(
-      c, tmp_path / name / 'tfds', 0, with_pseudo_normal=True))
-  source = tfrecord.ShardSource(builder.data_dir, 'test')
+  toy_prepared_cohort(tmp_path / name / 'prep', num_cases=3, z=8, hw=tuple(c.prep.crop_hw),
+                      modalities=mods)
+  builder = tfds_builders.build(tfds_builders.tumor_slices_builder(c, tmp_path / name / 'tfds'))
+  source = tfrecord.ShardSource(builder.data_dir, SPLIT)
   source[0]
   n, start = 0, time.perf_counter()
   while time.perf_counter() - start < 0.5:

@@ -40,8 +40,7 @@ def tiny_config():
 def data_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp('data')
   toy_prepared_cohort(root / 'prep', num_cases=6, z=8, seed=1)
-  tfds_builders.build(tfds_builders.tumor_slices_builder(tiny_config(), root / 'tfds', FOLD,
-                                                         with_pseudo_normal=False))
+  tfds_builders.build(tfds_builders.tumor_slices_builder(tiny_config(), root / 'tfds'))
   return root / 'tfds'
 
 
