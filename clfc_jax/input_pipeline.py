@@ -3,8 +3,9 @@
 The shards are read record by record through data_prep.tfrecord.ShardSource, so training runs
 on an accelerator machine that has JAX but not TensorFlow. Batches follow ARCHITECTURE.md's
 contract: image float32 [B,H,W,M(2K+1)], normal float32 [B,H,W,2K+1] (only when
-config.model.use_normal_net), label int32 [B,H,W], brain bool [B,H,W], patient bytes [B],
-slice int32 [B]; B is the process-local batch (global / process_count), ready for
+config.model.use_normal_net), label int32 [B,H,W] (the nested region level of the raw label:
+the binary WT map for task.regions 'wt', 0..3 for 'wt_tc_et'; see label_lut), brain bool
+[B,H,W], patient bytes [B], slice int32 [B]; B is the process-local batch (global / process_count), ready for
 jax.make_array_from_process_local_data.
 
 Training sampling (the method's, nnU-Net's): sample j of the GLOBAL batch at step t is a pure
@@ -34,6 +35,7 @@ import jax
 import numpy as np
 
 from data_prep import augment
+from data_prep import labels
 from data_prep import shards
 from data_prep import tfrecord
 
@@ -134,9 +136,21 @@ class PatientSampler:
     return int(self.records[self.starts[p] + rng.integers(self.counts[p])])
 
 
-def _cast(ex: dict, use_normal: bool) -> dict:
-  """A decoded example in the batch contract's dtypes (float16 / uint8 on disk)."""
-  out = {'image': ex['image'].astype(np.float32), 'label': ex['label'].astype(np.int32),
+def label_lut(config) -> np.ndarray:
+  """Raw shard label -> training target (labels.level_lut of config.task): for 'wt' the binary
+  WT map, for 'wt_tc_et' the nested level 0..3 (region r is level > r)."""
+  return labels.level_lut(config.task.label_convention, labels.region_names(config))
+
+
+def _cast(ex: dict, use_normal: bool, lut: np.ndarray) -> dict:
+  """A decoded example in the batch contract's dtypes (float16 / uint8 on disk); the raw
+  label becomes its training target through `lut` (label_lut)."""
+  label = lut[ex['label']]
+  if (label == 255).any():
+    bad = sorted(set(np.unique(ex['label'][label == 255]).tolist()))
+    raise ValueError(f'shard example {bytes(ex["patient"]).decode()} slice {int(ex["slice"])}: '
+                     f'label values {bad} are not in the label convention')
+  out = {'image': ex['image'].astype(np.float32), 'label': label.astype(np.int32),
          'brain': ex['brain'].astype(bool), 'patient': bytes(ex['patient']),
          'slice': np.int32(ex['slice'])}
   if use_normal:
@@ -172,13 +186,14 @@ class _TrainSample:
   aug: types.SimpleNamespace
   k: int
   normal_index: int
+  lut: np.ndarray
 
   def __call__(self, i: int) -> dict:
     step, r = divmod(int(i), self.local_batch)
     slot = self.first_slot + r
     rng = sample_rng(self.seed, step, slot)
     index = (self.tumor if self.is_tumor_slot[slot] else self.everything).draw(rng)
-    ex = _cast(self.source[index], self.use_normal)
+    ex = _cast(self.source[index], self.use_normal, self.lut)
     return augment.augment_example(ex, rng, self.aug, self.k, normal_index=self.normal_index)
 
 
@@ -202,9 +217,10 @@ class _Read:
   """Record i, cast (evaluation: no sampling, no augmentation)."""
   source: tfrecord.ShardSource
   use_normal: bool
+  lut: np.ndarray
 
   def __call__(self, i: int) -> dict:
-    return _cast(self.source[int(i)], self.use_normal)
+    return _cast(self.source[int(i)], self.use_normal, self.lut)
 
 
 def _batches(dataset: grain.MapDataset, batch: int, config, *,
@@ -266,7 +282,7 @@ def train_iterator(config, data_dir, fold, *, global_batch_size, seed, process_i
       source=source, everything=everything, tumor=tumor, is_tumor_slot=is_tumor,
       first_slot=process_index * local, local_batch=local, seed=int(seed),
       use_normal=use_normal, aug=_aug_namespace(config.data.augment), k=int(config.data.k),
-      normal_index=_normal_index(config))
+      normal_index=_normal_index(config), lut=label_lut(config))
   ds = grain.MapDataset.range(_ENDLESS).map(sample)
   return _batches(ds, local, config, drop_remainder=True)
 
@@ -291,7 +307,7 @@ def eval_iterator(config, data_dir, fold, split, batch_size, *, process_index=0,
   start, end = _even_part(len(source), *_processes(process_index, process_count))
   if start == end:
     return
-  ds = grain.MapDataset.range(start, end).map(_Read(source, use_normal))
+  ds = grain.MapDataset.range(start, end).map(_Read(source, use_normal, label_lut(config)))
   for batch in _batches(ds, int(batch_size), config, drop_remainder=False):
     yield _pad(batch, batch_size)
 

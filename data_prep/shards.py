@@ -49,7 +49,8 @@ def tumor_settings(config) -> dict:
   """What a TumorSlices dataset's content depends on beyond its fold, K, crop and pn flag."""
   return dict(hist_settings(config), **fold_settings(config),
               modalities=list(config.dataset.modalities),
-              normal_modality=config.dataset.normal_modality)
+              normal_modality=config.dataset.normal_modality,
+              label_convention=config.task.label_convention)   # labels are stored raw.
 
 
 def tumor_config_name(config, fold: int, with_pseudo_normal: bool) -> str:

@@ -24,7 +24,7 @@ from scipy import ndimage
 import tensorflow_datasets as tfds
 
 from data_prep import folds as folds_lib
-from data_prep import inputs, normalize, prepare, readers, shards, slices, store
+from data_prep import inputs, labels, normalize, prepare, readers, shards, slices, store
 from data_prep.case import CaseError
 
 _ZLIB = tfds.features.Encoding.ZLIB
@@ -142,7 +142,10 @@ class TumorSlices(tfds.core.GeneratorBasedBuilder):
     if pc.label is None:
       raise CaseError(where, 'tumor case without a label')
     matched = inputs.matched_modalities(pc, refs, self._modalities, c, where)
-    tumor = pc.label > 0
+    try:   # raw labels go to the shards; the loader makes the training target (regions).
+      tumor = labels.region_masks(pc.label, c.task.label_convention, 'wt')[..., 0]
+    except ValueError as e:
+      raise CaseError(where, str(e)) from None
     pseudo = self._pseudo_normal(case_id, pc.brain.shape)
     zeros = np.zeros(self._crop_hw + (2 * self._k + 1,), np.float16)
     for s in inputs.brain_slices(pc.brain, c.data.min_brain_fraction):
@@ -151,7 +154,7 @@ class TumorSlices(tfds.core.GeneratorBasedBuilder):
           'normal': (zeros if pseudo is None else
                      slices.stack_25d(pseudo, s, self._k).astype(np.float16)),
           'has_pseudo_normal': pseudo is not None,
-          'label': tumor[s].astype(np.uint8),
+          'label': pc.label[s].astype(np.uint8),
           'brain': pc.brain[s],
           'patient': case_id,
           'slice': int(s),
