@@ -93,8 +93,10 @@ def test_images_are_matched_with_the_folds_training_references(built):
   want = slices.slice_stack(matched, int(ex['slice']), c.data.k)
   np.testing.assert_allclose(ex['image'].astype(np.float32), want, rtol=2e-3, atol=2e-3)
   s = int(ex['slice'])
-  np.testing.assert_array_equal(ex['label'], (pc.label[s] > 0).astype(np.uint8))
+  np.testing.assert_array_equal(ex['label'], pc.label[s])   # raw: the loader makes targets
   np.testing.assert_array_equal(ex['brain'], pc.brain[s])
+  assert set(np.unique(np.concatenate([e['label'] for e in built['examples']['train']]))
+             ) == {0, 1, 2}   # the toy cohort's BraTS 2021 rim (1) and core (2) both kept
   for e in built['examples']['train']:
     assert bool(e['has_tumor']) == bool(e['label'].any())
   assert any(e['has_tumor'] for e in built['examples']['train'])
