@@ -64,9 +64,11 @@ def convention(name) -> Convention:
 
 
 def region_names(regions) -> tuple:
-  """('wt',) or ('wt', 'tc', 'et') for task.regions (a config means its task's)."""
+  """('wt',) or ('wt', 'tc', 'et') for task.regions (a config means its task's; a config saved
+  before config.task existed means the paper's 'wt')."""
   if not isinstance(regions, (str, tuple, list)):
-    regions = regions.task.regions
+    task = regions.get('task', None)
+    regions = 'wt' if task is None else task.regions
   if isinstance(regions, (tuple, list)):
     regions = tuple(regions)
     if regions not in REGIONS.values():

@@ -19,7 +19,7 @@ from clfc_jax import stats
 from clfc_jax.workdir import Workdir
 from configs import default
 from data_prep import inputs as inputs_lib
-from data_prep import normalize, store
+from data_prep import labels, normalize, store
 
 PER_PATIENT_NAME = 'per_patient.csv'   # written by clfc_jax.evaluate
 
@@ -175,7 +175,7 @@ def network_outputs(config, workdir, method: str, cases: Sequence[tuple],
     out = predict.predict_slices(lambda v, b: _logits_and_levels(apply(v, b)), variables[fold],
                                  batch, predict.round_batch(count, mesh), mesh)
     logits = np.asarray(out['logits'], np.float32)[:n]
-    if mc.task.regions == 'wt':   # the softmax's foreground probability
+    if len(labels.region_names(mc)) == 1:   # the softmax's foreground probability
       probs.append(np.exp(logits[..., 1] - np.logaddexp(logits[..., 0], logits[..., 1])))
     else:                         # a region head: the WT sigmoid
       probs.append(1.0 / (1.0 + np.exp(-logits[..., 0])))
