@@ -5,8 +5,8 @@ on an accelerator machine that has JAX but not TensorFlow. Batches follow ARCHIT
 contract: image float32 [B,H,W,M(2K+1)], normal float32 [B,H,W,2K+1] (only when
 config.model.use_normal_net), label int32 [B,H,W] (the nested region level of the raw label:
 the binary WT map for task.regions 'wt', 0..3 for 'wt_tc_et'; see label_lut), brain bool
-[B,H,W], patient bytes [B], slice int32 [B]; B is the process-local batch (global / process_count), ready for
-jax.make_array_from_process_local_data.
+[B,H,W], patient bytes [B], slice int32 [B]; B is the process-local batch (global /
+process_count), ready for jax.make_array_from_process_local_data.
 
 Training sampling (the method's, nnU-Net's): sample j of the GLOBAL batch at step t is a pure
 function of (seed, t, j). Its Generator draws a patient uniformly, then one of that patient's
