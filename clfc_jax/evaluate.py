@@ -33,7 +33,7 @@ from clfc_jax import stats
 from clfc_jax.workdir import Workdir
 from configs import default
 from data_prep import folds as folds_lib
-from data_prep import inputs, normalize, register, store
+from data_prep import inputs, labels, normalize, register, store
 from data_prep.case import CaseError
 
 PREDICTION_SUFFIX = '_seg.nii.gz'
@@ -76,8 +76,25 @@ def native_mask(prob_mni: np.ndarray, prepared_meta: Mapping, config, *, brain=N
   outside the prepared brain mask `brain` (MNI space, when given and postprocess.brain_mask),
   resampled linearly onto the native grid, thresholded at config.eval.threshold, and its
   connected components below `min_volume_ml` (chosen on validation patients) are removed.
+
+  Region probabilities [Z, H, W, R] (task.regions 'wt_tc_et') give nested masks [..., R]:
+  each region is resampled and thresholded on its own, the masks are nested (labels.nest:
+  ET ⊆ TC ⊆ WT), and the small components are removed from WT only, taking the TC and ET
+  voxels inside them along. Why on WT: stray false positives are what the cleaning is for, and
+  they show up in every region at once; TC and ET are parts of a tumour, and a small ET rim
+  component of a real tumour must not be dropped for its own size. One min volume, chosen on
+  the validation patients' WT Dice, then serves both modes.
   """
   prob = np.asarray(prob_mni, np.float32)
+  if prob.ndim == 4:
+    parts = [native_mask(prob[..., r], prepared_meta, config, brain=brain)
+             for r in range(prob.shape[-1])]
+    masks = labels.nest(np.stack([m for m, _ in parts], axis=-1))
+    pp = config.postprocess
+    wt = postprocess.remove_small_components(
+        masks[..., 0], affine_spacing(prepared_meta['native_affine']), min_volume_ml,
+        pp.connectivity, pp.keep_largest)
+    return masks & wt[..., None], np.stack([p for _, p in parts], axis=-1)
   if brain is not None and config.postprocess.brain_mask:
     prob = postprocess.restrict_to_brain(prob, brain)
   native_prob = register.to_native(prob, prepared_meta, 'linear')
@@ -102,6 +119,48 @@ def score_case(prob_mni: np.ndarray, prepared_meta: Mapping, config, *, brain=No
   scores = metrics_lib.case_metrics(foreground, truth, native_spacing(img))
   native_pred = np.where(foreground, int(config.eval.wt_label), 0).astype(np.uint8)
   return scores, native_pred
+
+
+def native_truth(prepared_meta: Mapping, config):
+  """(bool [..., R] region masks of task.regions, nibabel image) of the case's native label
+  file, read in config.task.label_convention (a value outside it is an error naming the file)."""
+  path = prepared_meta.get('label_file')
+  if not path:
+    raise CaseError(prepared_meta.get('case_id', '?'), 'prepared case records no label file')
+  label, img = external.load_label_map(path, prepared_meta['native_shape'], 'native label')
+  try:
+    return labels.region_masks(label, config.task.label_convention,
+                               labels.region_names(config)), img
+  except ValueError as e:
+    raise CaseError(path, str(e)) from None
+
+
+def score_regions(prob_mni: np.ndarray, prepared_meta: Mapping, config, *, brain=None,
+                  min_volume_ml: float = 0.0):
+  """({region: metrics}, native prediction uint8) of one patient, per task.regions.
+
+  'wt': score_case's metrics under 'wt' (the paper's table, unchanged). 'wt_tc_et': the region
+  probabilities [Z, H, W, R] become nested native masks (native_mask), each region is scored
+  against the label file's region (Dice, sensitivity, HD95 and the BraTS 2023 lesion-wise
+  Dice / HD95 of config.task.lesion), and the prediction is written in the input's label
+  convention (labels.to_label_map).
+  """
+  regions = labels.region_names(config)
+  if len(regions) == 1:
+    scores, native_pred = score_case(prob_mni, prepared_meta, config, brain=brain,
+                                     min_volume_ml=min_volume_ml)
+    return {'wt': scores}, native_pred
+  masks, _ = native_mask(prob_mni, prepared_meta, config, brain=brain,
+                         min_volume_ml=min_volume_ml)
+  truth, img = native_truth(prepared_meta, config)
+  spacing = native_spacing(img)
+  scores = {}
+  for r, region in enumerate(regions):
+    scores[region] = metrics_lib.case_metrics(masks[..., r], truth[..., r], spacing)
+    lesion = metrics_lib.lesion_wise(masks[..., r], truth[..., r], spacing,
+                                     **config.task.lesion)
+    scores[region].update({m: lesion[m] for m in stats.LESION_METRICS})
+  return scores, labels.to_label_map(masks, config.task.label_convention)
 
 
 def save_prediction(path, native_pred: np.ndarray, prepared_meta: Mapping,
@@ -147,13 +206,22 @@ def _read_done(csv_path, method, test_ids) -> list:
   if not done:
     return []
   rows = []
+  columns = [m for m in stats.METRICS + stats.LESION_METRICS if m in done]
   for i, patient in enumerate(done['patient']):
     if patient not in test_ids:
       logging.warning('%s: %s is not a test patient of this fold; dropped', csv_path, patient)
       continue
     rows.append({'patient': patient, 'fold': done['fold'][i], 'method': method,
-                 **{m: done[m][i] for m in stats.METRICS}})
+                 **{m: done[m][i] for m in columns}})
   return rows
+
+
+def _read_done_regions(out_dir, method, test_ids, regions) -> dict:
+  """{region: rows} of the patients done in EVERY region's CSV (a patient is written to each
+  region's file in turn, so an interruption in between leaves it to be scored again)."""
+  rows = {r: _read_done(out_dir / external.csv_name(r), method, test_ids) for r in regions}
+  done = set.intersection(*({row['patient'] for row in rows[r]} for r in regions))
+  return {r: [row for row in rows[r] if row['patient'] in done] for r in regions}
 
 
 def _read_json(path):
@@ -171,10 +239,15 @@ def choose_postprocessing(config, val_ids, case_prob) -> dict:
   if not val_ids:
     return {'min_volume_ml': float(pp.min_volume_ml), 'chosen_on': []}
   masks, truths, spacings = [], [], []
-  for case_id in val_ids:
+  for case_id in val_ids:   # regions: chosen on WT (see native_mask).
     pc, prob = case_prob(case_id)
     mask, _ = native_mask(prob, pc.meta, config, brain=pc.brain)
-    truth, img = load_native_label(pc.meta)
+    if mask.ndim == 4:
+      mask = mask[..., 0]
+      truth, img = native_truth(pc.meta, config)
+      truth = truth[..., 0]
+    else:
+      truth, img = load_native_label(pc.meta)
     masks.append(mask)
     truths.append(truth)
     spacings.append(native_spacing(img))
@@ -200,7 +273,8 @@ def evaluate_external(config, workdir, name: str, folder, fold: int) -> dict:
   split = folds_lib.prepared_split(wd.prep, config, fold)
   rows = external.score_folder(folder, wd.prep_cases, split['test'], config, method=name,
                                fold=fold, pred_convention=config.report.get(
-                                   'external_convention', '') or None)
+                                   'external_convention', '') or None,
+                               lesion=len(labels.region_names(config)) > 1)
   external.write_folder_scores(wd.eval_dir(name, fold), rows)
   summary = {'method': name, 'fold': int(fold), 'folder': str(folder),
              'n': len(next(iter(rows.values()), []))}
@@ -215,8 +289,11 @@ def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
 
   Writes WORKDIR/eval/<method>/fold<k>/per_patient.csv (after every patient: resumable, done
   patients are skipped), predictions/<id>_seg.nii.gz and summary.json; writes nothing outside
-  WORKDIR/eval. Returns the mean metrics, the patient count, the checkpoint step and seconds
-  per patient (the first patient's 'predict' includes the compilation).
+  WORKDIR/eval. With task.regions 'wt_tc_et' per_patient.csv holds WT and
+  per_patient_{tc,et}.csv the other regions (external.csv_name), each with the lesion-wise
+  columns, and the predictions are label maps in task.label_convention. Returns the mean
+  (WT) metrics, per-region means under 'regions', the patient count, the checkpoint step and
+  seconds per patient (the first patient's 'predict' includes the compilation).
   """
   if jax.process_count() > 1:
     raise RuntimeError('evaluation runs in one process (it writes one CSV per fold); run the '
@@ -228,8 +305,9 @@ def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
   csv_path = out_dir / 'per_patient.csv'
   split = folds_lib.prepared_split(wd.prep, config, fold)
   test_ids = split['test']
-  rows = _read_done(csv_path, method, set(test_ids))
-  todo = [i for i in test_ids if i not in {r['patient'] for r in rows}]
+  regions = labels.region_names(config)
+  rows = _read_done_regions(out_dir, method, set(test_ids), regions)
+  todo = [i for i in test_ids if i not in {r['patient'] for r in rows[regions[0]]}]
 
   seconds = {'predict': 0.0, 'score': 0.0, 'save': 0.0}
   step, choice = None, _read_json(out_dir / POSTPROCESS_NAME)
@@ -258,24 +336,32 @@ def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
       pc, prob = case_prob(case_id)
       seconds['predict'] += time.perf_counter() - tick
       tick = time.perf_counter()
-      scores, native_pred = score_case(prob, pc.meta, config, brain=pc.brain,
-                                       min_volume_ml=choice['min_volume_ml'])
+      scores, native_pred = score_regions(prob, pc.meta, config, brain=pc.brain,
+                                          min_volume_ml=choice['min_volume_ml'])
       seconds['score'] += time.perf_counter() - tick
       tick = time.perf_counter()
       if save_predictions:
         _, label_img = load_native_label(pc.meta)
         save_prediction(out_dir / 'predictions' / f'{case_id}{PREDICTION_SUFFIX}', native_pred,
                         pc.meta, label_img)
-      rows.append({'patient': case_id, 'fold': int(fold), 'method': method, **scores})
-      _write_rows(csv_path, sorted(rows, key=lambda r: r['patient']))
+      for region in regions:
+        rows[region].append({'patient': case_id, 'fold': int(fold), 'method': method,
+                             **scores[region]})
+        _write_rows(out_dir / external.csv_name(region),
+                    sorted(rows[region], key=lambda r: r['patient']))
       seconds['save'] += time.perf_counter() - tick
-  elif not rows:
+  elif not rows[regions[0]]:
     raise CaseError(wd.prep, f'fold {fold} has no test patients')
 
-  summary = {'method': method, 'fold': int(fold), 'n': len(rows), 'checkpoint_step': step,
+  wt = rows[regions[0]]
+  summary = {'method': method, 'fold': int(fold), 'n': len(wt), 'checkpoint_step': step,
              'evaluated_now': len(todo), 'per_patient_csv': str(csv_path),
              'postprocess': choice}
-  summary.update({m: float(np.mean([r[m] for r in rows])) for m in stats.METRICS})
+  summary.update({m: float(np.mean([r[m] for r in wt])) for m in stats.METRICS})
+  if len(regions) > 1:
+    summary['regions'] = {
+        region: {m: float(np.mean([r[m] for r in rows[region]]))
+                 for m in stats.METRICS + stats.LESION_METRICS} for region in regions}
   if todo:
     summary['seconds_per_patient'] = {k: round(v / len(todo), 3) for k, v in seconds.items()}
   store.write_text(out_dir / 'summary.json', json.dumps(summary, indent=1))

@@ -7,9 +7,10 @@ references finish each slice's matching when it is read (FoldReader), bitwise wh
 data_prep.inputs.case_inputs gives evaluation and new patients; the pseudo-normal stacks come
 from the fold's IntroVAE's companion slices. Batches follow ARCHITECTURE.md's
 contract: image float32 [B,H,W,M(2K+1)], normal float32 [B,H,W,2K+1] (only when
-config.model.use_normal_net), label int32 [B,H,W], brain bool [B,H,W], patient bytes [B],
-slice int32 [B]; B is the process-local batch (global / process_count), ready for
-jax.make_array_from_process_local_data.
+config.model.use_normal_net), label int32 [B,H,W] (the nested region level of the raw label:
+the binary WT map for task.regions 'wt', 0..3 for 'wt_tc_et'; see label_lut), brain bool
+[B,H,W], patient bytes [B], slice int32 [B]; B is the process-local batch (global /
+process_count), ready for jax.make_array_from_process_local_data.
 
 Training sampling (the method's, nnU-Net's): sample j of the GLOBAL batch at step t is a pure
 function of (seed, t, j). Its Generator draws a patient uniformly, then one of that patient's
@@ -39,7 +40,7 @@ import numpy as np
 
 from data_prep import augment
 from data_prep import folds as folds_lib
-from data_prep import examples, inputs, normalize, shards, store, tfrecord
+from data_prep import examples, inputs, labels, normalize, shards, store, tfrecord
 
 _ENDLESS = sys.maxsize // 2   # samples of an endless stream (grain's datasets have a length).
 
@@ -59,6 +60,13 @@ def _local_batch(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
+def label_lut(config) -> np.ndarray:
+  """Raw shard label -> training target (labels.level_lut of config.task): for 'wt' the binary
+  WT map, for 'wt_tc_et' the nested level 0..3 (region r is level > r); 255 = not a label of
+  the convention."""
+  return labels.level_lut(config.task.label_convention, labels.region_names(config))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class FoldReader:
   """Record i of the tumour shards as fold `fold` sees it (picklable, for grain's workers).
@@ -74,6 +82,7 @@ class FoldReader:
   neighbours: Optional[np.ndarray]   # int64 [N, 2K+1]
   refs: tuple            # float64 [P] landmarks per modality, config order.
   k: int
+  lut: np.ndarray        # raw label -> training target (label_lut).
 
   def __len__(self) -> int:
     return len(self.source)
@@ -85,8 +94,14 @@ class FoldReader:
     stored = np.moveaxis(ex['image'].reshape(h, w, m, n), 2, 0)
     matched = inputs.finish_matching(stored, ex['brain'], ex['landmarks'], self.refs,
                                      where=f'{self.source!r} record {int(i)}')
+    label = self.lut[ex['label']]
+    if (label == 255).any():
+      bad = sorted(set(np.unique(ex['label'][label == 255]).tolist()))
+      raise ValueError(f'{self.source!r} record {int(i)} ({bytes(ex["patient"]).decode()} '
+                       f'slice {int(ex["slice"])}): label values {bad} are not in the label '
+                       'convention')
     out = {'image': inputs.as_in_shards(np.moveaxis(matched, 0, 2).reshape(h, w, c)),
-           'label': ex['label'].astype(np.int32), 'brain': ex['brain'][..., self.k].copy(),
+           'label': label.astype(np.int32), 'brain': ex['brain'][..., self.k].copy(),
            'patient': bytes(ex['patient']), 'slice': np.int32(ex['slice'])}
     if self.normal is not None:
       out['normal'] = np.stack([self.normal[int(j)]['normal'] for j in self.neighbours[int(i)]],
@@ -137,7 +152,7 @@ def fold_records(config, data_dir, fold, split, with_pseudo_normal=None) -> tupl
       raise tfrecord.DatasetError(f'{normal_dir} does not match {directory} ({e}); delete it '
                                   'and rerun the pseudo_normal stage') from None
   reader = FoldReader(source=source, normal=normal, neighbours=neighbours, refs=refs,
-                      k=int(config.data.k))
+                      k=int(config.data.k), lut=label_lut(config))
   return reader, np.flatnonzero(np.isin(patients, ids[split])).astype(np.int64)
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from clfc_jax.sums import fused_sums
+from data_prep import labels
 
 COSINE_EPS = 1e-8   # PyTorch F.cosine_similarity's norm floor.
 
@@ -49,6 +50,17 @@ def region_targets(label, region_values):
                     for v in region_values], axis=-1).astype(jnp.float32)
 
 
+def level_targets(levels, n_regions: int):
+  """0/1 float32 [..., R] targets of a nested level map (input_pipeline.label_lut): region r
+  is level > r, so WT ⊇ TC ⊇ ET holds in the targets by construction."""
+  return (levels[..., None] > jnp.arange(n_regions, dtype=levels.dtype)).astype(jnp.float32)
+
+
+def region_bce(logits, targets):
+  """Mean per-pixel, per-region sigmoid binary cross-entropy (the region head's CE term)."""
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets))
+
+
 def cross_entropy(logits, label):
   """Mean pixel-wise softmax cross-entropy."""
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
@@ -81,11 +93,22 @@ def simsiam_level_loss(heads, mask_mode):
 
 
 def segmentation_loss(outputs, label, config):
-  """L = Dice + ce_weight·CE + sim_weight·Σ_l L_sim,l; returns (loss, metrics of every term)."""
+  """L = Dice + ce_weight·CE + sim_weight·Σ_l L_sim,l; returns (loss, metrics of every term).
+
+  task.regions 'wt' (the paper): softmax Dice on the foreground and softmax CE of the binary
+  map. 'wt_tc_et': `label` is the nested level map, the logits one sigmoid per region; Dice is
+  region_dice_loss and CE the per-region sigmoid BCE (nnU-Net's region-based training).
+  """
   lo = config.loss
   logits = outputs['logits']
-  dice = dice_loss(logits, label, lo.dice_smooth)
-  ce = cross_entropy(logits, label)
+  n_regions = len(labels.region_names(config))
+  if n_regions == 1:
+    dice = dice_loss(logits, label, lo.dice_smooth)
+    ce = cross_entropy(logits, label)
+  else:
+    targets = level_targets(label, n_regions)
+    dice = region_dice_loss(logits, targets, lo.dice_smooth)
+    ce = region_bce(logits, targets)
   loss = dice + lo.ce_weight * ce
   metrics = {'dice_loss': dice, 'ce': ce}
   sim = jnp.zeros((), jnp.float32)

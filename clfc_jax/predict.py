@@ -71,7 +71,7 @@ result may be an array or a pytree of arrays with the batch axis first).
 class SegmenterFns(NamedTuple):
   """A method's compiled inference functions; variables replicated, batches over 'data'."""
   model: object
-  eval: Callable                  # (variables, batch) -> {'probs' [B,H,W], 'pred' [B,H,W]}
+  eval: Callable                  # (variables, batch) -> {'probs' [B,H,W](,R), 'pred' [B,H,W]}
   attention: Optional[Callable]   # (variables, batch) -> A_1..A_4 [B,H,W,4] (CLFC methods)
   apply: Callable                 # (variables, batch) -> the model's raw outputs (figures)
 
@@ -123,7 +123,8 @@ def load_segmenter(config, run_dir, mesh):
 
 def predict_volume(fns: SegmenterFns, variables, inputs: Mapping[str, np.ndarray],
                    batch_size: int, mesh) -> np.ndarray:
-  """Foreground probability [Z, H, W] float32 of every slice of one case."""
+  """Foreground probability [Z, H, W] float32 of every slice of one case ([Z, H, W, R], one
+  sigmoid per region, with task.regions 'wt_tc_et')."""
   return predict_slices(fns.eval, variables, inputs, batch_size, mesh, output='probs')
 
 

@@ -11,7 +11,9 @@ INPUT is one of
 Each patient goes through the training preprocessing (RAS+ reorientation, affine MNI152
 alignment, histogram matching with the references saved at training time), the IntroVAE
 pseudo-normal T1 and the segmentation model, and gets OUT/<id>_seg.nii.gz: whole tumor =
-config.eval.wt_label (BraTS: 1), inside the brain mask and without the small stray components
+config.eval.wt_label (BraTS: 1), or with a region model (task.regions 'wt_tc_et') the nested
+regions ET ⊆ TC ⊆ WT in the input's label convention (task.label_convention: edema, core,
+enhancing labels), inside the brain mask and without the small stray components
 that the evaluate stage chose to remove on validation patients, on exactly the input file's grid (its shape, voxel order,
 qform and sform; the first modality's file is the reference, for 4-D files its 3 spatial axes).
 
@@ -23,7 +25,8 @@ trained fold's model, each fed with its own fold's matching. --tta adds the four
 mirrorings.
 
 Optional outputs, all on the input's grid like the mask (float32):
-  --save-prob            <id>_prob.nii.gz           tumor probability (what the mask thresholds)
+  --save-prob            <id>_prob.nii.gz           tumor probability (what the mask thresholds;
+                         4-D, one per region WT, TC, ET, with a region model)
   --save-pseudo-normal   <id>_pseudo_normal.nii.gz  the IntroVAE's pseudo-normal T1, [0, 1]
                          (the mean of the folds' own IntroVAEs in an ensemble without IXI)
   --save-attention       <id>_attention.nii.gz      4-D (x, y, z, 4): CLFC attention A_1..A_4,
@@ -72,7 +75,7 @@ from clfc_jax import sharding
 from clfc_jax import workdir as workdir_lib
 from clfc_jax.workdir import Workdir
 from configs import default
-from data_prep import inputs, normalize, prepare, readers, register, store, validate
+from data_prep import inputs, labels, normalize, prepare, readers, register, store, validate
 from data_prep.case import Case, CaseError
 
 PHASES = ('load', 'preprocess', 'introvae', 'segment', 'write')
@@ -337,7 +340,10 @@ def segment_case(models: Models, case: Case, out_dir, *, save_prob: bool = False
   tick = time.perf_counter()
   mask, native_prob = evaluate.native_mask(prob, pc.meta, config, brain=pc.brain,
                                            min_volume_ml=models.min_volume_ml)
-  mask = np.where(mask, int(config.eval.wt_label), 0)
+  if mask.ndim == 4:   # task.regions 'wt_tc_et': nested masks -> the input's label convention.
+    mask = labels.to_label_map(mask, config.task.label_convention)
+  else:
+    mask = np.where(mask, int(config.eval.wt_label), 0)
   images = {paths['seg']: _like_input(mask, reference, np.uint8)}
   if save_prob:
     images[paths['prob']] = _like_input(np.clip(native_prob, 0.0, 1.0), reference, np.float32)

@@ -19,9 +19,14 @@ from data_prep.case import CaseError
 
 METRICS = ('dice', 'sensitivity', 'hd95')
 PER_PATIENT_COLUMNS = ('patient', 'dice', 'sensitivity', 'hd95', 'fold', 'method')
+# BraTS 2023 lesion-wise metrics (metrics.lesion_wise): optional columns of a per-patient CSV,
+# written when every record has them (task.regions 'wt_tc_et') and read when the file has them.
+LESION_METRICS = ('lesion_dice', 'lesion_hd95')
 # Table 1 shows Dice and sensitivity in %, HD95 in mm.
-METRIC_SCALE = {'dice': 100.0, 'sensitivity': 100.0, 'hd95': 1.0}
-METRIC_HEADER = {'dice': 'Dice (%)', 'sensitivity': 'Sensitivity (%)', 'hd95': 'HD95 (mm)'}
+METRIC_SCALE = {'dice': 100.0, 'sensitivity': 100.0, 'hd95': 1.0, 'lesion_dice': 100.0,
+                'lesion_hd95': 1.0}
+METRIC_HEADER = {'dice': 'Dice (%)', 'sensitivity': 'Sensitivity (%)', 'hd95': 'HD95 (mm)',
+                 'lesion_dice': 'Lesion Dice (%)', 'lesion_hd95': 'Lesion HD95 (mm)'}
 METHOD_NAMES = {'clfc': 'CLFC (ours)', 'baseline1': 'Baseline-1', 'baseline2': 'Baseline-2',
                 'unet': 'U-Net', 'nnunet': 'nnU-Net'}
 
@@ -120,10 +125,15 @@ def write_table1(path_md, path_csv, per_patient, reference: str = 'clfc',
 
 
 def write_per_patient(path, records: Iterable[Mapping]) -> None:
-  """Writes one method/fold's per-patient metrics (dicts with PER_PATIENT_COLUMNS)."""
+  """Writes one method/fold's per-patient metrics (dicts with PER_PATIENT_COLUMNS, plus
+  LESION_METRICS when every record has them)."""
+  records = list(records)
+  columns = PER_PATIENT_COLUMNS
+  if records and all(all(m in r for m in LESION_METRICS) for r in records):
+    columns = PER_PATIENT_COLUMNS + LESION_METRICS
   Path(path).parent.mkdir(parents=True, exist_ok=True)
   with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=PER_PATIENT_COLUMNS, extrasaction='ignore')
+    writer = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')
     writer.writeheader()
     writer.writerows(records)
 
@@ -137,14 +147,19 @@ def read_per_patient(paths: Iterable) -> dict:
       missing = [c for c in PER_PATIENT_COLUMNS if c not in (reader.fieldnames or ())]
       if missing:
         raise CaseError(path, f'missing columns {missing}; expected {list(PER_PATIENT_COLUMNS)}')
+      extra = tuple(m for m in LESION_METRICS if m in reader.fieldnames)
       for line, record in enumerate(reader, start=2):
         results = per_patient.setdefault(
-            record['method'], {'patient': [], 'fold': [], **{m: [] for m in METRICS}})
+            record['method'], {'patient': [], 'fold': [], **{m: [] for m in METRICS + extra}})
         if record['patient'] in results['patient']:
           raise CaseError(path, f'line {line}: patient {record["patient"]!r} appears twice for '
                           f'method {record["method"]!r}')
+        if any(m not in results for m in extra) or (
+            results['patient'] and any(m in results for m in LESION_METRICS if m not in extra)):
+          raise CaseError(path, f'lesion-wise columns {list(extra)} differ from the other '
+                          f'files of method {record["method"]!r}')
         results['patient'].append(record['patient'])
-        for column in METRICS + ('fold',):
+        for column in METRICS + extra + ('fold',):
           try:
             value = float(record[column])
           except (TypeError, ValueError):

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from data_prep import inputs, slices, store
+from data_prep import inputs, labels, slices, store
 from data_prep.case import CaseError
 
 
@@ -39,14 +39,17 @@ def tumor_records(cases_dir, case_id: str, config) -> list:
     raise CaseError(where, 'tumor case without a label')
   stored, landmarks = inputs.stored_modalities(pc, modalities, config, where)
   k = int(config.data.k)
-  tumor = pc.label > 0
+  try:   # raw labels go to the shards; the loader makes the training target (regions).
+    tumor = labels.region_masks(pc.label, config.task.label_convention, 'wt')[..., 0]
+  except ValueError as e:
+    raise CaseError(where, str(e)) from None
   out = []
   for s in inputs.brain_slices(pc.brain, config.data.min_brain_fraction):
     out.append((f'{case_id}_{s:04d}', {
         'image': slices.slice_stack(stored, s, k),
         'landmarks': landmarks,
         'brain': slices.stack_25d(pc.brain, s, k),
-        'label': tumor[s].astype(np.uint8),
+        'label': pc.label[s].astype(np.uint8),
         'patient': case_id,
         'slice': int(s),
         'has_tumor': bool(tumor[s].any()),

@@ -64,9 +64,11 @@ def convention(name) -> Convention:
 
 
 def region_names(regions) -> tuple:
-  """('wt',) or ('wt', 'tc', 'et') for task.regions (a config means its task's)."""
+  """('wt',) or ('wt', 'tc', 'et') for task.regions (a config means its task's; a config saved
+  before config.task existed means the paper's 'wt')."""
   if not isinstance(regions, (str, tuple, list)):
-    regions = regions.task.regions
+    task = regions.get('task', None)
+    regions = 'wt' if task is None else task.regions
   if isinstance(regions, (tuple, list)):
     regions = tuple(regions)
     if regions not in REGIONS.values():
@@ -106,6 +108,27 @@ def region_masks(label, name, regions='wt_tc_et') -> np.ndarray:
     raise ValueError(f'label values {bad.tolist()} are not in label convention {c.name!r} '
                      f'(allowed {c.allowed})')
   return np.stack([np.isin(label, region_values(c, r)) for r in region_names(regions)], -1)
+
+
+def level_lut(name, regions) -> np.ndarray:
+  """uint8 [256]: raw label value -> training target level (255 for a value the convention lacks).
+
+  The level of a voxel is how many of the nested regions hold it: 0 outside WT, 1 in WT, and for
+  'wt_tc_et' 2 in TC, 3 in ET. One integer map thus carries every region (region r is
+  level > r), so the loader, the augmentation (nearest neighbour) and Ω_NR (level 0) treat it
+  like the paper's binary WT map, which is exactly what it is for 'wt'.
+  """
+  c = convention(name)
+  lut = np.full(256, 255, np.uint8)
+  lut[list(c.allowed)] = 0
+  for r, region in enumerate(region_names(regions)):
+    lut[list(region_values(c, region))] = r + 1
+  return lut
+
+
+def levels_to_masks(levels, n_regions: int) -> np.ndarray:
+  """bool [..., R] region masks of a level map (level_lut): region r is level > r."""
+  return np.asarray(levels)[..., None] > np.arange(int(n_regions))
 
 
 def nest(masks) -> np.ndarray:

@@ -51,7 +51,8 @@ def crop_hw(config) -> tuple:
 
 def tumor_settings(config) -> dict:
   """What the TumorSlices dataset's content depends on beyond K, crop and modalities."""
-  return dict(hist_settings(config), modalities=list(config.dataset.modalities))
+  return dict(hist_settings(config), modalities=list(config.dataset.modalities),
+              label_convention=config.task.label_convention)   # labels are stored raw.
 
 
 def tumor_config_name(config) -> str:

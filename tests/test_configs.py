@@ -41,3 +41,12 @@ def test_demo_study_variant_runs_the_protocol_at_study_size():
   assert study.train.epochs * study.train.steps_per_epoch >= 500
   assert dict(study.model.to_dict(), epochs=0) == dict(base.model.to_dict(), epochs=0)
   assert demo.get_config('baseline2').method == 'baseline2'
+
+
+def test_demo_regions_variant_is_the_demo_with_sub_regions():
+  """`configs/demo.py:regions`: the demo with task.regions='wt_tc_et' and nothing else changed."""
+  from configs import demo
+  regions, base = demo.get_config('regions'), demo.get_config()
+  assert regions.task.regions == 'wt_tc_et' and base.task.regions == 'wt'
+  regions.task.regions = 'wt'
+  assert regions.to_dict() == base.to_dict()

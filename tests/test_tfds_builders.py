@@ -87,8 +87,10 @@ def test_stored_half_finishes_into_the_folds_matching(built):
                                          refs[m]) for j, m in enumerate(MODS)], 2)
   np.testing.assert_allclose(got.reshape(want.shape), want, rtol=2e-3, atol=2e-3)
   s = int(ex['slice'])
-  np.testing.assert_array_equal(ex['label'], (pc.label[s] > 0).astype(np.uint8))
+  np.testing.assert_array_equal(ex['label'], pc.label[s])   # raw: the loader makes targets
   np.testing.assert_array_equal(ex['brain'], slices.stack_25d(pc.brain, s, k))
+  assert set(np.unique(np.concatenate([e['label'] for e in built['examples']]))
+             ) == {0, 1, 2}   # the toy cohort's BraTS 2021 rim (1) and core (2) both kept
   for e in built['examples']:
     assert bool(e['has_tumor']) == bool(e['label'].any())
   assert any(e['has_tumor'] for e in built['examples'])

@@ -4,7 +4,8 @@ Call convention (the train step relies on it):
   outputs, new_vars = model.apply(variables, image, normal, label=label, train=True,
                                   mutable=['batch_stats'])
   outputs = model.apply(variables, image, normal, train=False)
-outputs: 'logits' [B, H, W, n_classes] float32; 'levels': per decoder level (1/8 .. full)
+outputs: 'logits' [B, H, W, n_classes] float32 (softmax classes, or one sigmoid per region with
+task.regions 'wt_tc_et'); 'levels': per decoder level (1/8 .. full)
 {'zeta', 'g', 'attention'} ([] without CLFC); in training with SimSiam also 'simsiam': per
 level {'p_t', 'p_r', 'z_t', 'z_r', 'mask'} (see clfc.SimSiamHeads).
 """
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 from clfc_jax.models.clfc import ClfcGate, SimSiamHeads
 from clfc_jax.models.encdec import Decoder, Encoder, encoder_channels, scaled_width
 from clfc_jax.models.layers import Conv
+from data_prep import labels
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 DOWNSAMPLING = 16   # four max-pools: H and W must be multiples of this.
@@ -26,7 +28,14 @@ CPU_INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0,
 
 
 def _normal_region(label, size):
-  """Ω_NR (not whole tumor) nearest-downsampled to `size` (h, w), PyTorch 'nearest' indexing."""
+  """Ω_NR (not whole tumor) nearest-downsampled to `size` (h, w), PyTorch 'nearest' indexing.
+
+  `label` is the nested level map (0 outside WT), so Ω_NR is "not WT" with sub-regions too:
+  L_sim pulls ζ(F_T) towards g(F_R) only where the scan should look like its pseudo-normal
+  (SPEC §4), and that is everywhere outside the whole tumour. TC and ET lie inside WT, and
+  edema (WT minus TC) is no more normal than the core: taking only "not TC" or "not ET" would
+  teach the gate that abnormal tissue matches its reconstruction, the opposite of the method.
+  """
   stride_h, stride_w = label.shape[1] // size[0], label.shape[2] // size[1]
   return label[:, ::stride_h, ::stride_w] == 0
 
@@ -104,6 +113,13 @@ class Segmenter(nn.Module):
     return outputs
 
 
+def output_channels(config) -> int:
+  """Head width: config.model.n_classes softmax classes for task.regions 'wt' (the paper),
+  one sigmoid logit per region (WT, TC, ET) for 'wt_tc_et'."""
+  regions = labels.region_names(config)
+  return int(config.model.n_classes) if len(regions) == 1 else len(regions)
+
+
 def build_segmenter(config) -> Segmenter:
   """The model of config.method's variant (configs.default.apply_method sets the switches)."""
   m, cl = config.model, config.clfc
@@ -118,7 +134,7 @@ def build_segmenter(config) -> Segmenter:
       channels=encoder_channels(config),
       image_channels=len(config.dataset.modalities) * slices,
       normal_channels=slices,
-      n_classes=m.n_classes,
+      n_classes=output_channels(config),
       dtype=DTYPES[m.dtype],
       upsample=m.upsample,
       use_normal_net=m.use_normal_net,

@@ -11,6 +11,7 @@ import jax
 import nibabel as nib
 import numpy as np
 
+from clfc_jax import external
 from clfc_jax import plots
 from clfc_jax import predict
 from clfc_jax import sharding as sharding_lib
@@ -18,24 +19,27 @@ from clfc_jax import stats
 from clfc_jax.workdir import Workdir
 from configs import default
 from data_prep import inputs as inputs_lib
-from data_prep import normalize, store
+from data_prep import labels, normalize, store
 
 PER_PATIENT_NAME = 'per_patient.csv'   # written by clfc_jax.evaluate
 
 
 # --- per-patient results -----------------------------------------------------------------------
-def per_patient_paths(workdir, methods, folds) -> dict:
-  """{(method, fold): WORKDIR/eval/<method>/fold<k>/per_patient.csv}."""
+def per_patient_paths(workdir, methods, folds, region: str = 'wt') -> dict:
+  """{(method, fold): WORKDIR/eval/<method>/fold<k>/per_patient.csv} (per_patient_<region>.csv
+  for TC and ET, external.csv_name)."""
   wd = Workdir(workdir)
-  return {(m, int(k)): wd.eval_dir(m, k) / PER_PATIENT_NAME for m in methods for k in folds}
+  name = external.csv_name(region)
+  return {(m, int(k)): wd.eval_dir(m, k) / name for m in methods for k in folds}
 
 
-def load_results(workdir, methods, folds, *, allow_missing: bool = False):
-  """(per_patient for the methods found, missing CSV paths); raises if any is missing.
+def load_results(workdir, methods, folds, *, allow_missing: bool = False, region: str = 'wt'):
+  """(per_patient for the methods found, missing CSV paths) of `region`; raises if any is
+  missing.
 
   Each CSV must hold its own method and fold only (a copied file is caught here).
   """
-  paths = per_patient_paths(workdir, methods, folds)
+  paths = per_patient_paths(workdir, methods, folds, region)
   missing = [str(p) for p in paths.values() if not p.exists()]
   if missing and not allow_missing:
     lacking = sorted({f'{m} fold {k}' for (m, k), p in paths.items() if not p.exists()})
@@ -55,8 +59,10 @@ def load_results(workdir, methods, folds, *, allow_missing: bool = False):
     wrong = sorted({f for f in results['fold'] if f != fold})
     if wrong:
       raise ValueError(f'{path}: rows of folds {wrong}, expected only fold {fold}')
-    merged = per_patient.setdefault(
-        method, {'patient': [], 'fold': [], **{m: [] for m in stats.METRICS}})
+    merged = per_patient.setdefault(method, {key: [] for key in results})
+    if set(merged) != set(results):
+      raise ValueError(f'{path}: columns {sorted(results)} differ from the other folds\' '
+                       f'{sorted(merged)}')
     for key, values in results.items():
       merged[key].extend(values)
   if not per_patient:
@@ -169,7 +175,10 @@ def network_outputs(config, workdir, method: str, cases: Sequence[tuple],
     out = predict.predict_slices(lambda v, b: _logits_and_levels(apply(v, b)), variables[fold],
                                  batch, predict.round_batch(count, mesh), mesh)
     logits = np.asarray(out['logits'], np.float32)[:n]
-    probs.append(np.exp(logits[..., 1] - np.logaddexp(logits[..., 0], logits[..., 1])))
+    if len(labels.region_names(mc)) == 1:   # the softmax's foreground probability
+      probs.append(np.exp(logits[..., 1] - np.logaddexp(logits[..., 0], logits[..., 1])))
+    else:                         # a region head: the WT sigmoid
+      probs.append(1.0 / (1.0 + np.exp(-logits[..., 0])))
     levels.append([{k: np.asarray(v, np.float32)[:n] for k, v in lv.items()}
                    for lv in out['levels']])
   merged_levels = [{k: np.concatenate([lv[i][k] for lv in levels]) for k in levels[0][i]}

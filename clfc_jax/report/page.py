@@ -11,6 +11,7 @@ pseudo-normals) is skipped with a one-line note, so a partial workdir still gets
 from __future__ import annotations
 
 import base64
+import csv
 import dataclasses
 import html
 from pathlib import Path
@@ -26,6 +27,7 @@ from clfc_jax.report import gather
 from clfc_jax.report import tables
 from clfc_jax.workdir import Workdir
 from configs import default
+from data_prep import labels
 from data_prep import optional
 from data_prep import store
 from data_prep.case import CaseError
@@ -47,12 +49,31 @@ class ReportContext:
   paths: dict                # name -> written file (sections add theirs)
   missing: Sequence[str]     # per-patient CSVs that were not there (allow_missing=True)
   workdir: Optional[Path] = None   # None: no figure sections (tables only)
+  # task.regions 'wt_tc_et': {region: per_patient} of every region ('wt' is `per_patient`).
+  regions: dict = dataclasses.field(default_factory=dict)
   cache: dict = dataclasses.field(default_factory=dict)   # inputs shared by figure sections
 
 
 # --- sections of index.md ----------------------------------------------------------------------
 def section_table1(ctx: ReportContext) -> str:
-  return tables.table1(ctx.per_patient, ctx.paths['table1_md'], ctx.paths['table1_csv'])
+  """Table 1; a region run gets one block per region (table1_<region>.{md,csv}), table1.md
+  holds them all and table1.csv their rows with a `region` column."""
+  if not ctx.regions:
+    return tables.table1(ctx.per_patient, ctx.paths['table1_md'], ctx.paths['table1_csv'])
+  blocks, rows = [], []
+  for region, per_patient in ctx.regions.items():
+    md, csv_path = (ctx.report_dir / f'table1_{region}.{ext}' for ext in ('md', 'csv'))
+    blocks.append(tables.table1(per_patient, md, csv_path, region=region))
+    ctx.paths[f'table1_{region}_md'], ctx.paths[f'table1_{region}_csv'] = md, csv_path
+    with open(csv_path, newline='') as f:
+      rows += [dict(region=region, **row) for row in csv.DictReader(f)]
+  store.write_text(ctx.paths['table1_md'], '\n'.join(blocks))
+  fields = list(dict.fromkeys(k for row in rows for k in row))
+  with open(ctx.paths['table1_csv'], 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+  return '\n'.join(blocks)
 
 
 def section_fold_means(ctx: ReportContext) -> str:
@@ -353,6 +374,15 @@ def write_report(config, workdir, methods: Optional[Sequence[str]] = None,
   folds = [int(k) for k in (folds if folds is not None else range(config.data.num_folds))]
   per_patient, missing = gather.load_results(workdir, methods, folds,
                                              allow_missing=allow_missing)
+  region_names = labels.region_names(config)
+  regions = {}
+  if len(region_names) > 1:
+    regions['wt'] = {m: per_patient[m] for m in methods if m in per_patient}
+    for region in region_names[1:]:
+      found, lacking = gather.load_results(workdir, methods, folds, allow_missing=allow_missing,
+                                           region=region)
+      regions[region] = {m: found[m] for m in methods if m in found}
+      missing = list(missing) + lacking
   report_dir = Workdir(workdir).report
   report_dir.mkdir(parents=True, exist_ok=True)
   if with_figures is None:
@@ -362,10 +392,12 @@ def write_report(config, workdir, methods: Optional[Sequence[str]] = None,
                       report_dir=report_dir, missing=missing,
                       paths={'table1_md': report_dir / 'table1.md',
                              'table1_csv': report_dir / 'table1.csv'},
-                      workdir=Path(workdir) if with_figures else None)
+                      workdir=Path(workdir) if with_figures else None, regions=regions)
+  scored = ('whole tumor' if not regions else
+            ', '.join(r.upper() for r in region_names) + ' (nested regions)')
   header = (f'# CLFC report: {config.dataset.name}\n\n'
             f'Methods: {", ".join(_name(m) for m in methods)}; test folds: '
-            f'{", ".join(map(str, folds))} of {config.data.num_folds}; whole tumor scored in '
+            f'{", ".join(map(str, folds))} of {config.data.num_folds}; {scored} scored in '
             'each patient\'s native space.\n')
   body = [header] + [text for text in (section(ctx) for section in SECTIONS) if text]
   index = report_dir / 'index.md'

@@ -42,8 +42,21 @@ def fold_means(per_patient, folds, metrics=stats.METRICS) -> list:
   return rows
 
 
-def table1(per_patient, path_md, path_csv) -> str:
-  """Writes table1.md / table1.csv and returns the markdown section with its note."""
+REGION_TITLES = {'wt': 'whole tumor', 'tc': 'tumor core', 'et': 'enhancing tumor'}
+
+
+def lesion_columns(per_patient) -> tuple:
+  """stats.LESION_METRICS when every method has them (region runs), else ()."""
+  has = [all(m in r for m in stats.LESION_METRICS) for r in per_patient.values()]
+  return stats.LESION_METRICS if has and all(has) else ()
+
+
+def table1(per_patient, path_md, path_csv, region: str = '') -> str:
+  """Writes table1.md / table1.csv and returns the markdown section with its note.
+
+  `region` ('wt', 'tc', 'et'; '' = the paper's WT-only table) titles a block of a region run,
+  which also gets the lesion-wise columns when every method has them.
+  """
   if REFERENCE_METHOD not in per_patient:
     reference, note = None, f'No {method_name(REFERENCE_METHOD)} results: no p-values.'
   elif not _same_patients(per_patient):   # only in partial reports (allow_missing)
@@ -53,9 +66,15 @@ def table1(per_patient, path_md, path_csv) -> str:
     note = ('p: two-sided Wilcoxon signed-rank test of patient-wise Dice against '
             f'{method_name(REFERENCE_METHOD)}.')
   # A reference that is not among the results makes write_table1 leave p out.
-  stats.write_table1(path_md, path_csv, per_patient, reference=reference or 'none')
-  return ('## Table 1: whole tumor, native space\n\n'
-          + Path(path_md).read_text() + f'\nMean ± sample std over patients. {note}\n')
+  metrics = stats.METRICS + lesion_columns(per_patient)
+  stats.write_table1(path_md, path_csv, per_patient, reference=reference or 'none',
+                     metrics=metrics)
+  title = ('Table 1: whole tumor' if not region else
+           f'Table 1, {region.upper()}: {REGION_TITLES.get(region, region)}')
+  lesion_note = (' Lesion-wise: BraTS 2023 lesion-wise Dice and HD95 (missed or false-positive '
+                 'lesions score 0 and 374 mm).' if len(metrics) > len(stats.METRICS) else '')
+  return (f'## {title}, native space\n\n' + Path(path_md).read_text()
+          + f'\nMean ± sample std over patients. {note}{lesion_note}\n')
 
 
 def fold_means_table(per_patient, folds) -> str:

@@ -15,6 +15,7 @@ import optax
 from clfc_jax import sharding as sharding_lib
 from clfc_jax.losses import segmentation_loss
 from clfc_jax.models import segmenter
+from data_prep import labels
 
 BATCH_INPUTS = ('image', 'normal', 'label')   # what the model and the loss read.
 
@@ -122,20 +123,34 @@ _TTA_FLIPS = ((), (1,), (2,), (1, 2))   # mirrorings of the in-plane axes (H, W)
 
 
 def eval_step(variables, batch: dict, *, model, config):
-  """Foreground probability [B,H,W] float32 and prediction [B,H,W] int32 (inference BN).
+  """Probabilities and prediction (inference BN).
 
+  task.regions 'wt': foreground probability [B,H,W] float32 and the argmax [B,H,W] int32.
+  'wt_tc_et': sigmoid per region [B,H,W,R] and the nested level map [B,H,W] int32 (regions
+  above config.eval.threshold, nested ET ⊆ TC ⊆ WT like labels.nest; region r is level > r).
   With config.eval.tta the probabilities average over the four in-plane mirrorings.
   """
   image, normal = _model_inputs(batch, config)
+  regions = len(labels.region_names(config)) > 1
+  activation = jax.nn.sigmoid if regions else functools.partial(jax.nn.softmax, axis=-1)
   flips = _TTA_FLIPS if config.eval.tta else ((),)
   probs = 0.0
   for axes in flips:
     flip = (lambda x, a=axes: x if x is None or not a else jnp.flip(x, a))
     outputs = model.apply(variables, flip(image), flip(normal), train=False)
     logits = outputs['logits'].astype(jnp.float32)
-    probs = probs + flip(jax.nn.softmax(logits, axis=-1))
+    probs = probs + flip(activation(logits))
   probs = probs / len(flips)
+  if regions:
+    return {'probs': probs, 'pred': nested_levels(probs > config.eval.threshold)}
   return {'probs': probs[..., 1], 'pred': jnp.argmax(probs, axis=-1).astype(jnp.int32)}
+
+
+def nested_levels(masks):
+  """int32 level map [...] of region masks [..., R] made nested (a voxel of an inner region is
+  in every outer one, labels.nest's rule): the index of its innermost region, plus one."""
+  inner = jnp.cumsum(masks[..., ::-1].astype(jnp.int32), axis=-1)[..., ::-1] > 0
+  return jnp.sum(inner, axis=-1).astype(jnp.int32)
 
 
 class StepFns(NamedTuple):

@@ -37,6 +37,7 @@ from clfc_jax.train import loop
 from clfc_jax.train import steps as train_lib
 from clfc_jax import workdir as workdir_lib
 from clfc_jax.workdir import Workdir
+from data_prep import labels
 
 SUMMARY_NAME = 'summary.json'
 METRICS_NAME = run_log.METRICS_NAME
@@ -89,11 +90,20 @@ def _host_rows(x, mesh) -> np.ndarray:
 # --- validation ---------------------------------------------------------------------------------
 
 def patient_dice(config, data_dir, fold, eval_fn, variables, mesh, split='val') -> dict:
-  """{patient: Dice (WT)} over the prepared (MNI-space) slices of `split`.
+  """{patient: Dice} over the prepared (MNI-space) slices of `split`: the WT Dice, or with
+  task.regions 'wt_tc_et' the mean of the WT, TC and ET Dice (the model-selection score)."""
+  return {p: float(np.mean(d)) for p, d in patient_region_dice(
+      config, data_dir, fold, eval_fn, variables, mesh, split).items()}
+
+
+def patient_region_dice(config, data_dir, fold, eval_fn, variables, mesh, split='val') -> dict:
+  """{patient: [Dice per region of task.regions]} over the prepared slices of `split`.
 
   Every slice prediction is placed at its slice index in the patient's volume; Dice is then
   metrics.dice of the assembled volumes (slices not written to the shards have no brain).
+  Prediction and label are nested level maps (region r is level > r; for 'wt' the binary map).
   """
+  n_regions = len(labels.region_names(config))
   names = ('image', 'normal') if config.model.use_normal_net else ('image',)
   volumes = {}
   for host in input_pipeline.eval_iterator(
@@ -107,12 +117,13 @@ def patient_dice(config, data_dir, fold, eval_fn, variables, mesh, split='val') 
       if s in slices:
         raise ValueError(f'{data_dir}: slice {s} of {host["patient"][i]!r} appears twice in '
                          f'the {split} split')
-      slices[s] = (pred[i] > 0, host['label'][i] > 0)
+      slices[s] = (pred[i], host['label'][i])
   dice = {}
   for patient, slices in sorted(volumes.items()):
     order = sorted(slices)
-    dice[patient] = metrics_lib.dice(np.stack([slices[s][0] for s in order]),
-                                     np.stack([slices[s][1] for s in order]))
+    pred = np.stack([slices[s][0] for s in order])
+    truth = np.stack([slices[s][1] for s in order])
+    dice[patient] = [metrics_lib.dice(pred > r, truth > r) for r in range(n_regions)]
   return dice
 
 
@@ -275,12 +286,17 @@ def _train_epoch(config, data_dir, fold, train_fn, state, epoch, mesh, log, batc
 
 def _validate(config, data_dir, fold, eval_fn, state, mesh, log, epoch) -> float:
   start = time.perf_counter()
-  dice = patient_dice(config, data_dir, fold, eval_fn, state.variables, mesh)
+  dice = patient_region_dice(config, data_dir, fold, eval_fn, state.variables, mesh)
   if not dice:
     raise ValueError(f'{data_dir}: fold {fold} has an empty val split (data.val_fraction)')
-  val = float(np.mean(list(dice.values())))
+  per_region = np.mean(list(dice.values()), axis=0)
+  val = float(np.mean(per_region))   # the mean region Dice selects the best checkpoint.
+  scalars = {'val_dice': val}
+  regions = labels.region_names(config)
+  if len(regions) > 1:
+    scalars.update({f'val_dice_{r}': float(d) for r, d in zip(regions, per_region)})
   step = epoch * int(config.train.steps_per_epoch)
-  log.event('val', step, {'val_dice': val}, tb_prefix='val', epoch=epoch,
+  log.event('val', step, scalars, tb_prefix='val', epoch=epoch,
             patients=len(dice), seconds=round(time.perf_counter() - start, 2))
   logging.info('%s fold%d epoch %d: val Dice %.4f over %d patients', config.method, fold,
                epoch, val, len(dice))
