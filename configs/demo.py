@@ -4,7 +4,7 @@ Same pipeline and method as brats.py; only sizes shrink so that a 2-core CPU run
 `configs/demo.py:ARG` takes a method (clfc, baseline1, ...) or a variant:
   study   the paper's protocol at a size where a Wilcoxon test can say something: 60 tumour
           patients, five patient-wise folds, every method, 600 steps per run (the demo: 1000);
-          about 1.5 h on 2 cores (README "Study").
+          about 1.5 h on 2 cores (README "Study": run once, 99 min on a loaded machine).
   regions the demo with the tumour sub-regions (task.regions='wt_tc_et'): one sigmoid per
           region WT ⊇ TC ⊇ ET, per-region Table 1 with lesion-wise columns (the synthetic
           cohort writes BraTS 2021 labels 1 NCR, 2 ED, 4 ET).
