@@ -83,24 +83,42 @@ class FoldReader:
   refs: tuple            # float64 [P] landmarks per modality, config order.
   k: int
   lut: np.ndarray        # raw label -> training target (label_lut).
+  lut_cache: int = 0     # config.data.read_lut_cache: histogram maps kept per reader.
+  _maps: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def _map(self, stored_landmarks, m: int) -> np.ndarray:
+    """The float16 -> matched LUT of one case's modality m (normalize.stored_lut), cached."""
+    key = (m, stored_landmarks.tobytes())
+    table = self._maps.get(key)
+    if table is None:
+      table = normalize.stored_lut(stored_landmarks, self.refs[m])
+      if len(self._maps) >= self.lut_cache:   # first in, first out (dicts keep order).
+        self._maps.pop(next(iter(self._maps)), None)
+      self._maps[key] = table
+    return table
 
   def __len__(self) -> int:
     return len(self.source)
 
   def __call__(self, i: int) -> dict:
     ex = self.source[int(i)]
-    h, w, c = ex['image'].shape
-    m, n = len(self.refs), 2 * self.k + 1
-    stored = np.moveaxis(ex['image'].reshape(h, w, m, n), 2, 0)
-    matched = inputs.finish_matching(stored, ex['brain'], ex['landmarks'], self.refs,
-                                     where=f'{self.source!r} record {int(i)}')
+    n = 2 * self.k + 1
+    stored = ex['image'].view(np.uint16)
+    image = np.empty(stored.shape, np.float32)
+    try:
+      for m in range(len(self.refs)):   # modality-major channels.
+        image[..., m * n:(m + 1) * n] = self._map(ex['landmarks'][m], m)[
+            stored[..., m * n:(m + 1) * n]]
+    except ValueError as e:
+      raise tfrecord.DatasetError(f'{self.source!r} record {int(i)}: {e}') from None
+    image = np.where(np.tile(ex['brain'], (1, 1, len(self.refs))), image, np.float32(0))
     label = self.lut[ex['label']]
     if (label == 255).any():
       bad = sorted(set(np.unique(ex['label'][label == 255]).tolist()))
       raise ValueError(f'{self.source!r} record {int(i)} ({bytes(ex["patient"]).decode()} '
                        f'slice {int(ex["slice"])}): label values {bad} are not in the label '
                        'convention')
-    out = {'image': inputs.as_in_shards(np.moveaxis(matched, 0, 2).reshape(h, w, c)),
+    out = {'image': inputs.as_in_shards(image),
            'label': label.astype(np.int32), 'brain': ex['brain'][..., self.k].copy(),
            'patient': bytes(ex['patient']), 'slice': np.int32(ex['slice'])}
     if self.normal is not None:
@@ -152,7 +170,8 @@ def fold_records(config, data_dir, fold, split, with_pseudo_normal=None) -> tupl
       raise tfrecord.DatasetError(f'{normal_dir} does not match {directory} ({e}); delete it '
                                   'and rerun the pseudo_normal stage') from None
   reader = FoldReader(source=source, normal=normal, neighbours=neighbours, refs=refs,
-                      k=int(config.data.k), lut=label_lut(config))
+                      k=int(config.data.k), lut=label_lut(config),
+                      lut_cache=int(config.data.get('read_lut_cache', 512)))
   return reader, np.flatnonzero(np.isin(patients, ids[split])).astype(np.int64)
 
 

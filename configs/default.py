@@ -83,6 +83,8 @@ def get_config():
   dd.read_threads = 2        # threads reading, decoding and augmenting batches ...
   dd.read_workers = 0        # ... in each of this many spawned worker processes (0: in process).
   dd.read_prefetch = 4       # batches prepared ahead (per worker).
+  dd.read_lut_cache = 512    # per reader: (case, modality) histogram maps kept as float16 LUTs
+                             # (256 KiB each; BraTS's 335 x 4 would be 343 MB).
   dd.augment = a = ml_collections.ConfigDict()
   a.enabled = True
   a.flip_prob = 0.5          # per in-plane axis.

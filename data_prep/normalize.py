@@ -124,15 +124,36 @@ def stored_scale(volume, brain, config) -> tuple:
   return out, landmarks
 
 
+_FAR = 1e6   # stored-scale units: apply_stored's end segments reach this far (exactly linear).
+
+
 def apply_stored(values, brain, stored_landmarks, landmarks) -> np.ndarray:
   """Stored values (stored_scale's) on the standard scale `landmarks`: float32, 0 outside
-  `brain` (any shape, e.g. a [H, W, 2K+1] stack with its brain stack)."""
-  brain = np.asarray(brain, bool)
-  values = np.asarray(values, np.float32)
+  `brain` (any shape, e.g. a [H, W, 2K+1] stack with its brain stack).
+
+  One np.interp over every voxel: the end segments are extended to ±_FAR as two more
+  landmarks, which is map_landmarks' linear extrapolation for any value a scan holds, and
+  avoids gathering the brain voxels (this runs per slice in the loader)."""
   _check_target(stored_landmarks, landmarks)
-  result = np.zeros(values.shape, np.float32)
-  result[brain] = map_landmarks(values[brain], stored_landmarks, landmarks)
-  return result
+  xp = np.asarray(stored_landmarks, np.float64)
+  fp = np.asarray(landmarks, np.float64)
+  slope_lo = (fp[1] - fp[0]) / (xp[1] - xp[0])
+  slope_hi = (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
+  xp = np.concatenate([[xp[0] - _FAR], xp, [xp[-1] + _FAR]])
+  fp = np.concatenate([[fp[0] - _FAR * slope_lo], fp, [fp[-1] + _FAR * slope_hi]])
+  out = np.interp(np.asarray(values, np.float32), xp, fp)
+  return np.where(np.asarray(brain, bool), out, 0.0).astype(np.float32)
+
+
+_FLOAT16_VALUES = np.arange(2 ** 16, dtype=np.uint16).view(np.float16)
+
+
+def stored_lut(stored_landmarks, landmarks) -> np.ndarray:
+  """float32 [65536]: apply_stored of every float16 bit pattern (brain everywhere), so that
+  apply_stored(v, brain, ...) == where(brain, lut[v.view(uint16)], 0) bitwise for float16 v:
+  the loader maps a slice with one gather instead of an interpolation."""
+  with np.errstate(invalid='ignore'):
+    return apply_stored(_FLOAT16_VALUES, True, stored_landmarks, landmarks)
 
 
 def save_references(refs: dict, path, fitted_on: Optional[Sequence[str]] = None) -> Path:
