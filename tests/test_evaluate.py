@@ -11,11 +11,11 @@ from benchmarks import pipeline
 from clfc_jax import checkpoints, evaluate, external, metrics, predict, sharding
 from clfc_jax.report import page as report_page
 from clfc_jax.train import steps as train
-from clfc_jax.workdir import Workdir
 from clfc_jax.models import segmenter
 from configs import default, demo
-from data_prep import folds, inputs as inputs_lib, normalize, prepare, readers, store, synthetic
+from data_prep import inputs as inputs_lib, normalize, prepare, readers, store
 from data_prep.case import Case, CaseError, ImageRef
+import synthetic_workdirs
 
 
 def _config(method='clfc'):
@@ -33,16 +33,8 @@ def cohort(tmp_path_factory):
   """WORKDIR with 2 prepared tumor cases, folds, fold-0 references, pseudo-normals, a checkpoint."""
   root = tmp_path_factory.mktemp('evaluate')
   config = _config()
-  wd = Workdir(root / 'work')
-  synthetic.generate_cohort(root / 'syn', 2, 0, seed=3, spacing=2.0, progress=False,
-                            profile='plain')   # the test's native grid: 2 mm isotropic
-  for case in readers.find_cases(config, root / 'syn' / 'BraTS'):
-    prepare.prepare_case(case, config, wd.prep_cases)
-  split = folds.prepared_split(wd.prep, config, 0)
-  train_ids = split['train'] + split['val']
-  refs = normalize.fit_references((store.load_prepared(wd.prep_cases, i) for i in train_ids),
-                                  config.dataset.modalities, config)
-  normalize.save_references(refs, wd.hist_refs(0), fitted_on=train_ids)
+  # The test's native grid: 2 mm isotropic.
+  wd, split, refs = synthetic_workdirs.prepared_workdir(root, config, 2, 3, profile='plain')
   # No normal cohort: fold 0's own IntroVAE makes its pseudo-normals (pseudo_normal/fold0/).
   pipeline.write_toy_pseudo_normals(wd.prep, wd.pseudo_normal_dir(wd.introvae_key(0)),
                                     split['train'] + split['test'])

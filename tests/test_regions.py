@@ -19,8 +19,9 @@ from clfc_jax.train import steps as train
 from clfc_jax.train import trainer
 from clfc_jax.workdir import Workdir
 from configs import default, demo
-from data_prep import folds, labels, normalize, prepare, readers, shards, store, synthetic
+from data_prep import labels, shards, store
 from data_prep import tfds_builders, tfrecord
+import synthetic_workdirs
 from tiny_configs import tiny_train_config
 
 FOLD = 0
@@ -217,16 +218,7 @@ def cohort(tmp_path_factory):
   toy pseudo-normals and untrained clfc / baseline1 region checkpoints."""
   root = tmp_path_factory.mktemp('regions_eval')
   config = _config()
-  wd = Workdir(root / 'work')
-  synthetic.generate_cohort(root / 'syn', 4, 0, seed=3, spacing=2.0, progress=False,
-                            profile='plain')
-  for case in readers.find_cases(config, root / 'syn' / 'BraTS'):
-    prepare.prepare_case(case, config, wd.prep_cases)
-  split = folds.prepared_split(wd.prep, config, 0)
-  train_ids = split['train'] + split['val']
-  refs = normalize.fit_references((store.load_prepared(wd.prep_cases, i) for i in train_ids),
-                                  config.dataset.modalities, config)
-  normalize.save_references(refs, wd.hist_refs(0), fitted_on=train_ids)
+  wd, split, _ = synthetic_workdirs.prepared_workdir(root, config, 4, 3, profile='plain')
   pipeline.write_toy_pseudo_normals(wd.prep, wd.pseudo_normal_dir(wd.introvae_key(0)),
                                     store.prepared_ids(wd.prep_cases))
   for seed, method in enumerate(('clfc', 'baseline1')):

@@ -12,10 +12,10 @@ from benchmarks import pipeline
 from clfc_jax import checkpoints, run_log, stats
 from clfc_jax.report import page as report
 from clfc_jax.train import steps as train
-from clfc_jax.workdir import Workdir
 from clfc_jax.models import segmenter
 from configs import demo
-from data_prep import folds, normalize, prepare, readers, store, synthetic
+from data_prep import store
+import synthetic_workdirs
 
 METHODS = ('clfc', 'baseline1', 'baseline2')
 FOLDS = (0, 1)
@@ -144,15 +144,7 @@ def figure_workdir(tmp_path_factory):
   prediction files); baseline2 was never trained."""
   root = tmp_path_factory.mktemp('report_figures')
   config = _figure_config()
-  wd = Workdir(root / 'work')
-  synthetic.generate_cohort(root / 'syn', 2, 0, seed=5, spacing=2.0, progress=False)
-  for case in readers.find_cases(config, root / 'syn' / 'BraTS'):
-    prepare.prepare_case(case, config, wd.prep_cases)
-  split = folds.prepared_split(wd.prep, config, 0)
-  train_ids = split['train'] + split['val']
-  refs = normalize.fit_references((store.load_prepared(wd.prep_cases, i) for i in train_ids),
-                                  config.dataset.modalities, config)
-  normalize.save_references(refs, wd.hist_refs(0), fitted_on=train_ids)
+  wd, split, _ = synthetic_workdirs.prepared_workdir(root, config, 2, 5)
   ids = store.prepared_ids(wd.prep_cases)
   pipeline.write_toy_pseudo_normals(wd.prep, wd.pseudo_normal_dir(wd.introvae_key(0)), ids)
   model = segmenter.build_segmenter(config)
