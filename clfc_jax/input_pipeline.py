@@ -84,7 +84,10 @@ class FoldReader:
   k: int
   lut: np.ndarray        # raw label -> training target (label_lut).
   lut_cache: int = 0     # config.data.read_lut_cache: histogram maps kept per reader.
+  cache_bytes: int = 0   # config.data.read_cache_mb: matched records kept per reader.
   _maps: dict = dataclasses.field(default_factory=dict, repr=False)
+  _records: dict = dataclasses.field(default_factory=dict, repr=False)
+  _held: list = dataclasses.field(default_factory=lambda: [0], repr=False)
 
   def _map(self, stored_landmarks, m: int) -> np.ndarray:
     """The float16 -> matched LUT of one case's modality m (normalize.stored_lut), cached."""
@@ -101,29 +104,55 @@ class FoldReader:
     return len(self.source)
 
   def __call__(self, i: int) -> dict:
-    ex = self.source[int(i)]
+    """Record i matched, labelled and stacked: ARCHITECTURE.md's example, fresh arrays.
+
+    Why a cache: a demo epoch draws each record about twice and a run ten epochs, and
+    decompressing, matching and stacking a record costs about as much as augmenting it. The
+    compact form is kept (float16 images are exact: the shards' inputs are float16), first
+    come (random access gains nothing from evicting), until cache_bytes is held; the trainer
+    keeps one reader for a whole run.
+    """
+    i = int(i)
+    compact = self._records.get(i)
+    if compact is None:
+      compact = self._read(i)
+      size = sum(v.nbytes for v in compact.values() if isinstance(v, np.ndarray))
+      if self._held[0] + size <= self.cache_bytes:
+        self._records[i] = compact
+        self._held[0] += size
+    out = {'image': compact['image'].astype(np.float32),
+           'label': compact['label'].astype(np.int32), 'brain': compact['brain'].copy(),
+           'patient': compact['patient'], 'slice': compact['slice']}
+    if 'normal' in compact:
+      out['normal'] = compact['normal'].astype(np.float32)
+    return out
+
+  def _read(self, i: int) -> dict:
+    """Record i as __call__ gives it, with float16 images and a uint8 label."""
+    ex = self.source[i]
     n = 2 * self.k + 1
     stored = ex['image'].view(np.uint16)
-    image = np.empty(stored.shape, np.float32)
+    image = np.empty(stored.shape, np.float16)
     try:
       for m in range(len(self.refs)):   # modality-major channels.
         image[..., m * n:(m + 1) * n] = self._map(ex['landmarks'][m], m)[
             stored[..., m * n:(m + 1) * n]]
     except ValueError as e:
-      raise tfrecord.DatasetError(f'{self.source!r} record {int(i)}: {e}') from None
-    image = np.where(np.tile(ex['brain'], (1, 1, len(self.refs))), image, np.float32(0))
+      raise tfrecord.DatasetError(f'{self.source!r} record {i}: {e}') from None
+    # as inputs.as_in_shards: the float16 LUT's values are what evaluation sees.
+    image[~np.tile(ex['brain'], (1, 1, len(self.refs)))] = 0
     label = self.lut[ex['label']]
     if (label == 255).any():
       bad = sorted(set(np.unique(ex['label'][label == 255]).tolist()))
-      raise ValueError(f'{self.source!r} record {int(i)} ({bytes(ex["patient"]).decode()} '
+      raise ValueError(f'{self.source!r} record {i} ({bytes(ex["patient"]).decode()} '
                        f'slice {int(ex["slice"])}): label values {bad} are not in the label '
                        'convention')
-    out = {'image': inputs.as_in_shards(image),
-           'label': label.astype(np.int32), 'brain': ex['brain'][..., self.k].copy(),
+    out = {'image': image, 'label': label.astype(np.uint8),
+           'brain': ex['brain'][..., self.k].copy(),
            'patient': bytes(ex['patient']), 'slice': np.int32(ex['slice'])}
     if self.normal is not None:
-      out['normal'] = np.stack([self.normal[int(j)]['normal'] for j in self.neighbours[int(i)]],
-                               -1).astype(np.float32)
+      out['normal'] = np.stack([self.normal[int(j)]['normal'] for j in self.neighbours[i]],
+                               -1).astype(np.float16)
     return out
 
 
@@ -171,7 +200,8 @@ def fold_records(config, data_dir, fold, split, with_pseudo_normal=None) -> tupl
                                   'and rerun the pseudo_normal stage') from None
   reader = FoldReader(source=source, normal=normal, neighbours=neighbours, refs=refs,
                       k=int(config.data.k), lut=label_lut(config),
-                      lut_cache=int(config.data.get('read_lut_cache', 512)))
+                      lut_cache=int(config.data.get('read_lut_cache', 512)),
+                      cache_bytes=int(float(config.data.get('read_cache_mb', 0)) * 2**20))
   return reader, np.flatnonzero(np.isin(patients, ids[split])).astype(np.int64)
 
 
@@ -342,16 +372,17 @@ def _normal_index(config) -> int:
 # --- iterators ---------------------------------------------------------------------------------
 
 def train_iterator(config, data_dir, fold, *, global_batch_size, seed, process_index=None,
-                   process_count=None, with_pseudo_normal=None) -> Iterator[dict]:
+                   process_count=None, with_pseudo_normal=None, records=None) -> Iterator[dict]:
   """Endless augmented local batches of the fold's 'train' split (see the module docstring).
 
   Batch t of process p is rows [p B/P, (p+1) B/P) of global batch t, a pure function of
   (seed, t); one iterator per epoch, seeded with run_log.epoch_seed, makes resumes exact.
+  records: fold_records(...) of this split, to reuse one reader (and its cache) across epochs.
   """
   process_index, process_count = _processes(process_index, process_count)
   global_batch_size = int(global_batch_size)
   local = _local_batch(global_batch_size, process_count)
-  read, records = fold_records(config, data_dir, fold, 'train', with_pseudo_normal)
+  read, records = records or fold_records(config, data_dir, fold, 'train', with_pseudo_normal)
   patients = _text(read.source.column('patient'))
   keep = np.zeros(len(patients), bool)
   keep[records] = True
@@ -379,13 +410,13 @@ def _even_part(n: int, process_index: int, process_count: int) -> tuple:
 
 
 def eval_iterator(config, data_dir, fold, split, batch_size, *, process_index=0,
-                  process_count=1, with_pseudo_normal=None) -> Iterator[dict]:
+                  process_count=1, with_pseudo_normal=None, records=None) -> Iterator[dict]:
   """One ordered pass (patient by patient, slice by slice), no augmentation.
 
   The last batch is padded to `batch_size` (zeros, patient b'') and every batch carries
-  `valid` bool [B]. Default: the whole split in this process.
+  `valid` bool [B]. Default: the whole split in this process. records: as train_iterator's.
   """
-  read, records = fold_records(config, data_dir, fold, split, with_pseudo_normal)
+  read, records = records or fold_records(config, data_dir, fold, split, with_pseudo_normal)
   start, end = _even_part(len(records), *_processes(process_index, process_count))
   if start == end:
     return

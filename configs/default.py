@@ -85,6 +85,9 @@ def get_config():
   dd.read_prefetch = 4       # batches prepared ahead (per worker).
   dd.read_lut_cache = 512    # per reader: (case, modality) histogram maps kept as float16 LUTs
                              # (256 KiB each; BraTS's 335 x 4 would be 343 MB).
+  dd.read_cache_mb = 1024.0  # per reader (and worker process): matched records kept in memory,
+                             # first come; the demo's fold (~0.4 MB a record) fits, a BraTS fold
+                             # (~1.5 MB a record at 192x160, K=2) a fraction.
   dd.augment = a = ml_collections.ConfigDict()
   a.enabled = True
   a.flip_prob = 0.5          # per in-plane axis.

@@ -285,6 +285,40 @@ def test_one_shard_set_serves_every_fold(data_dir):
   np.testing.assert_array_equal(a['image'] == 0, b['image'] == 0)   # same brain.
 
 
+def test_record_cache_gives_the_fresh_read_and_a_reused_reader_the_same_batches(data_dir):
+  """Cached records equal fresh reads bitwise, come back as new arrays each time, respect the
+  byte bound; one reader kept over epochs (the trainer's) changes no batch."""
+  c = small_config(flip_prob=0.5, rotate_prob=0.5, intensity_prob=0.5, noise_prob=0.5)
+  c.data.read_cache_mb = 0
+  fresh, records = input_pipeline.fold_records(c, data_dir, FOLD, 'train')
+  c.data.read_cache_mb = 1
+  cached, _ = input_pipeline.fold_records(c, data_dir, FOLD, 'train')
+  for i in records[:6]:
+    first, again = cached(i), cached(i)
+    for key, value in fresh(i).items():
+      np.testing.assert_array_equal(first[key], value, err_msg=key)
+      np.testing.assert_array_equal(again[key], value, err_msg=key)
+      assert type(first[key]) is type(value)
+      if isinstance(value, np.ndarray):
+        assert first[key].dtype == value.dtype and first[key] is not again[key]
+    first['image'][:] = 7   # a caller's change does not reach the cache.
+    assert not (cached(i)['image'] == 7).all()
+  assert fresh._held[0] == 0 and not fresh._records
+  assert 0 < cached._held[0] <= 2**20 and len(cached._records) == 6
+  c.data.read_cache_mb = 0.05   # 52 KB: some records only
+  small, _ = input_pipeline.fold_records(c, data_dir, FOLD, 'train')
+  for i in records:
+    small(i)
+  assert 0 < len(small._records) < len(records) and small._held[0] <= 0.05 * 2**20
+  c.data.read_cache_mb = 64
+  kept = input_pipeline.fold_records(c, data_dir, FOLD, 'train')
+  for seed in (0, 1):   # two "epochs" through one reader vs a reader each
+    reused = _take(input_pipeline.train_iterator(c, data_dir, FOLD, global_batch_size=4,
+                                                 seed=seed, records=kept), 3)
+    for a, b in zip(reused, _take(_train(c, data_dir, 4, seed), 3)):
+      _assert_batches_equal(a, b)
+
+
 def test_eval_iterator_ordered_once_with_padding_and_process_parts(data_dir):
   c = small_config()
   n = input_pipeline.num_examples(c, data_dir, FOLD, 'test')

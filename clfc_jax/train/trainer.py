@@ -96,7 +96,8 @@ def patient_dice(config, data_dir, fold, eval_fn, variables, mesh, split='val') 
       config, data_dir, fold, eval_fn, variables, mesh, split).items()}
 
 
-def patient_region_dice(config, data_dir, fold, eval_fn, variables, mesh, split='val') -> dict:
+def patient_region_dice(config, data_dir, fold, eval_fn, variables, mesh, split='val',
+                        records=None) -> dict:
   """{patient: [Dice per region of task.regions]} over the prepared slices of `split`.
 
   Every slice prediction is placed at its slice index in the patient's volume; Dice is then
@@ -108,7 +109,7 @@ def patient_region_dice(config, data_dir, fold, eval_fn, variables, mesh, split=
   volumes = {}
   for host in input_pipeline.eval_iterator(
       config, data_dir, fold, split, int(config.train.val_batch_size), process_index=0,
-      process_count=1):
+      process_count=1, records=records):
     out = eval_fn(variables, sharding_lib.global_batch({k: host[k] for k in names}, mesh))
     pred = _host_rows(out['pred'], mesh)
     for i in np.flatnonzero(host['valid']):
@@ -232,13 +233,17 @@ def train_and_evaluate(config, workdir, fold: int, *, stop_after_epochs: Optiona
               processes=jax.process_count(), devices=jax.device_count())
     last_epoch = epochs if stop_after_epochs is None else min(
         epochs, first_epoch + int(stop_after_epochs))
+    # One reader per split for the whole run, so that its record cache outlives the epochs.
+    readers = {split: input_pipeline.fold_records(config, data_dir, fold, split)
+               for split in ('train', 'val')}
     for epoch in range(first_epoch, last_epoch):
       state = _train_epoch(config, data_dir, fold, steps.train, state, epoch, mesh, log,
-                           batch_hook, out_dir, ckpt, is_main)
+                           batch_hook, out_dir, ckpt, is_main, readers['train'])
       end = epoch + 1
       val = None
       if loop.every(end, t.eval_every_epochs) or end == epochs:
-        val = _validate(config, data_dir, fold, steps.eval, state, mesh, log, end)
+        val = _validate(config, data_dir, fold, steps.eval, state, mesh, log, end,
+                        readers['val'])
         history.append({'epoch': end, 'step': end * spe, 'val_dice': val})
       if loop.every(end, t.checkpoint_every_epochs) or end in (epochs, last_epoch):
         ckpt.save(end * spe, state, metrics=None if val is None else {'val_dice': val},
@@ -262,7 +267,7 @@ def train_and_evaluate(config, workdir, fold: int, *, stop_after_epochs: Optiona
 
 
 def _train_epoch(config, data_dir, fold, train_fn, state, epoch, mesh, log, batch_hook,
-                 out_dir, ckpt, is_main):
+                 out_dir, ckpt, is_main, records=None):
   """One epoch of steps on the stream of `epoch_seed(config.seed, epoch)` (see loop.run_epoch).
 
   The iterator's whole state is the epoch number (its batches are a pure function of the
@@ -271,7 +276,7 @@ def _train_epoch(config, data_dir, fold, train_fn, state, epoch, mesh, log, batc
   t = config.train
   it = input_pipeline.train_iterator(
       config, data_dir, fold, global_batch_size=int(t.batch_size),
-      seed=epoch_seed(config.seed, epoch))
+      seed=epoch_seed(config.seed, epoch), records=records)
   with contextlib.closing(it):
     state, _ = loop.run_epoch(
         train_fn, state, it, epoch=epoch, num_epochs=int(t.epochs),
@@ -284,9 +289,10 @@ def _train_epoch(config, data_dir, fold, train_fn, state, epoch, mesh, log, batc
   return state
 
 
-def _validate(config, data_dir, fold, eval_fn, state, mesh, log, epoch) -> float:
+def _validate(config, data_dir, fold, eval_fn, state, mesh, log, epoch, records=None) -> float:
   start = time.perf_counter()
-  dice = patient_region_dice(config, data_dir, fold, eval_fn, state.variables, mesh)
+  dice = patient_region_dice(config, data_dir, fold, eval_fn, state.variables, mesh,
+                             records=records)
   if not dice:
     raise ValueError(f'{data_dir}: fold {fold} has an empty val split (data.val_fraction)')
   per_region = np.mean(list(dice.values()), axis=0)
