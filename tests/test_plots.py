@@ -51,7 +51,7 @@ def test_native_row_shows_an_lps_file_in_radiological_view(tmp_path):
   meta = {'files': {'t1': str(tmp_path / 'flair.nii.gz'), 'flair': str(tmp_path / 'flair.nii.gz')},
           'label_file': str(tmp_path / 'seg.nii.gz')}
   row = gather.native_axial_row(meta, {'clfc': tmp_path / 'pred.nii.gz', 'baseline1': None},
-                                 {'clfc': 0.5}, 'P1')
+                                 {'clfc': 0.5}, 'P1', 'brats2021')
   assert 'axial slice 5' in row['title']
   truth = row['truth']
   rows, cols = np.nonzero(truth)
@@ -65,6 +65,12 @@ def test_native_row_shows_an_lps_file_in_radiological_view(tmp_path):
                                            tmp_path / 'fig2.png')
   assert len(plots.panels(fig)) == 2 * 3
   _png(tmp_path / 'fig2.png')
+  # BraTS 2024 post-treatment: the resection cavity (4) is a label but not tumour.
+  cavity = label_ras.copy()
+  cavity[4:10, 4:10, 5] = 4
+  nib.save(nib.Nifti1Image(lps(cavity), affine), tmp_path / 'seg.nii.gz')
+  row = gather.native_axial_row(meta, {}, {}, 'P1', 'brats2024_post')
+  assert row['truth'].sum() == 10 * 12
 
 
 def test_zoom_box_holds_the_tumor_and_a_minimum_field_of_view():

@@ -100,12 +100,12 @@ def _canonical(path):
 
 
 def native_axial_row(meta: Mapping, predictions: Mapping[str, Optional[Path]],
-                     dice: Mapping[str, float], title: str) -> dict:
+                     dice: Mapping[str, float], title: str, convention: str) -> dict:
   """One row of Fig. 2 in the patient's native space: the axial slice (of the canonical RAS+
   volume) with the most ground-truth voxels, zoomed on the tumor (zoom_box), display order."""
   modalities = list(meta['files'])
   image, zooms = _canonical(meta['files'][display_modality(modalities)])
-  truth = _canonical(meta['label_file'])[0] > 0
+  truth = labels.region_masks(_canonical(meta['label_file'])[0], convention, 'wt')[..., 0]
   if truth.shape != image.shape:
     raise ValueError(f'{meta["label_file"]}: label shape {truth.shape} differs from the image '
                      f'{image.shape}')
@@ -216,6 +216,7 @@ def pseudo_normal_row(config, workdir, case_id: str, fold: int) -> dict:
   z = plots.tumor_slices(pc.label, 1)[0] if pc.label is not None else pc.brain.shape[0] // 2
   unit = lambda vol: inputs_lib.unit_t1(vol, pc.brain, landmarks, config)[z]
   healthy = None if pc.healthy_t1 is None else plots.radiological(unit(pc.healthy_t1))
-  truth = pc.label[z] > 0 if pc.label is not None else np.zeros(pc.brain.shape[1:], bool)
+  truth = (labels.region_masks(pc.label[z], config.task.label_convention, 'wt')[..., 0]
+           if pc.label is not None else np.zeros(pc.brain.shape[1:], bool))
   return {'title': f'{case_id}\nslice {z}', 'tumor_t1': plots.radiological(unit(pc.modality(modality))),
           'pseudo': plots.radiological(pseudo[z]), 'healthy': healthy, 'truth': plots.radiological(truth)}

@@ -165,7 +165,8 @@ def section_segmentation_examples(ctx: ReportContext) -> str:
       preds = {m: wd.eval_dir(m, fold) / 'predictions' / f'{patient}_seg.nii.gz'
                for m in ctx.methods}
       title = f'{patient}' + (f' ({rank})' if rank else '')
-      rows.append(gather.native_axial_row(meta, preds, _dice_of(ctx, patient), title))
+      rows.append(gather.native_axial_row(meta, preds, _dice_of(ctx, patient), title,
+                                          ctx.config.task.label_convention))
     plots.plot_segmentation_overlays(rows, ctx.methods, path, _dpi(ctx))
   by = _name(ctx.cache.get('patients_by', REFERENCE_METHOD))
   return _figure_section(
