@@ -8,10 +8,15 @@ patient as a new one (clfc_jax.segment: no label is read), and scores each mask 
 patient's label file in its own native space with clfc_jax.metrics (Dice, sensitivity, HD95 in
 mm). Results: benchmarks/results/heldout.json (per case and mean ± std, also by tumour size).
 It never feeds back into training or model selection: it only reads the workdir.
+
+`--shifts=all` (or a comma list of SHIFT_GROUPS) also scores cohorts of the `train` profile with
+one group of the held-out ranges at a time, on the held-out seed stream: which shift costs the
+Dice (`train` alone is the same generator with new subjects).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 import sys
@@ -31,6 +36,17 @@ from data_prep import readers, synthetic
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results' / 'heldout.json'
 SMALL_ML = 5.0   # tumours below this (whole tumour, ml) are reported apart: the hardest ones
+# data_prep.synthetic.Profile fields by the kind of shift they make.
+SHIFT_GROUPS = {
+    'train': (),
+    'grid': ('orientations', 'inplane_voxel', 'inplane_aspect', 'slice_voxel', 'oblique_deg'),
+    'intensity': ('gain', 'offset', 'contrast_jitter', 'gamma'),
+    'degradation': ('bias_strength', 'bias_cell_mm', 'noise_std', 'psf_sigma', 'thick_prob',
+                    'slice_thickness'),
+    'skull_strip': ('rim_prob', 'rim_width', 'rim_cover', 'cut_prob', 'cut_depth', 'cut_cover',
+                    'outlier_fraction'),
+    'tumour': ('tumor_ml', 'foci_probs', 'site_probs', 'infiltration'),
+}
 
 
 def parse_args(argv=None):
@@ -41,6 +57,9 @@ def parse_args(argv=None):
   ap.add_argument('--seed', type=int, default=2027, help='the held-out cohort seed')
   ap.add_argument('--spacing', type=float, default=1.5, help='nominal mm of the cohort')
   ap.add_argument('--profile', default='heldout', help='data_prep.synthetic profile')
+  ap.add_argument('--tta', action='store_true', help='mirroring test-time augmentation')
+  ap.add_argument('--shifts', default='',
+                  help="'all' or a comma list of SHIFT_GROUPS: also one held-out shift at a time")
   ap.add_argument('--keep', default='', help='folder to keep the cohort and masks in')
   ap.add_argument('--out', default=str(RESULTS), help="JSON to write; '' = none")
   return ap.parse_args(argv)
@@ -76,20 +95,51 @@ def summarize(rows) -> dict:
           for name, group in groups.items()}
 
 
+def shift_profile(group: str) -> synthetic.Profile:
+  """The `train` profile with SHIFT_GROUPS[group]'s ranges of `heldout`, on heldout's stream."""
+  if group not in SHIFT_GROUPS:
+    raise ValueError(f'unknown shift group {group!r}; expected one of {sorted(SHIFT_GROUPS)}')
+  train, held = synthetic.PROFILES['train'], synthetic.PROFILES['heldout']
+  return dataclasses.replace(train, name=f'train+{group}', stream=held.stream,
+                             **{f: getattr(held, f) for f in SHIFT_GROUPS[group]})
+
+
+def shift_groups(spec: str) -> list:
+  return list(SHIFT_GROUPS) if spec == 'all' else [g for g in spec.split(',') if g]
+
+
 def run(args, models=None) -> dict:
   """The record; `models` (segment.load_models) replaces loading them from args.workdir."""
   workdir = Path(args.workdir).expanduser().resolve()
   config = workdir_lib.read_config(workdir_lib.Workdir(workdir).config)
   config = default.method_config(config, args.method)
+  models = models or segment.load_models(None, workdir, method=args.method,
+                                         tta=True if getattr(args, 'tta', False) else None)
+  record = _score_cohort(args, config, models, synthetic.get_profile(args.profile),
+                         Path(args.keep).expanduser() if args.keep else None)
+  shifts = {}
+  for group in shift_groups(getattr(args, 'shifts', '')):
+    keep = Path(args.keep).expanduser() / f'shift_{group}' if args.keep else None
+    shifts[group] = _score_cohort(args, config, models, shift_profile(group), keep)['summary']
+  return {'suite': 'heldout', 'workdir': str(workdir), 'method': models.method,
+          'folds': [m.fold for m in models.members],
+          'tta': bool(models.members[0].config.eval.tta),
+          'cohort': {'profile': args.profile, 'seed': args.seed, 'spacing_mm': args.spacing,
+                     'cases': args.cases},
+          **record, **({'shifts': shifts} if shifts else {}),
+          'machine': machine.describe(with_jax=False)}
+
+
+def _score_cohort(args, config, models, profile, keep) -> dict:
+  """{'summary', 'cases', 'seconds_per_case'} of a fresh cohort of `profile`."""
   with tempfile.TemporaryDirectory() as tmp:
-    root = Path(args.keep).expanduser() if args.keep else Path(tmp)
-    log(f'writing {args.cases} {args.profile} patients into {root}')
+    root = keep or Path(tmp)
+    log(f'writing {args.cases} {profile.name} patients into {root}')
     cohort = synthetic.generate_cohort(root / 'cohort', args.cases, 0, args.seed, args.spacing,
-                                       progress=False, profile=args.profile)
+                                       progress=False, profile=profile)
     cases, problems = readers.find_patients(root / 'cohort' / 'BraTS', config)
     if problems:
       raise ValueError(f'held-out cohort: unreadable patients {problems}')
-    models = models or segment.load_models(None, workdir, method=args.method)
     tick = time.perf_counter()
     done = segment.segment_cases(models, cases, root / 'masks', progress=False, overwrite=True)
     seconds = time.perf_counter() - tick
@@ -103,13 +153,13 @@ def run(args, models=None) -> dict:
       grid = info[case.case_id]['grid']
       rows.append(dict(case=case.case_id, shape=grid['shape'],
                        **{k: round(v, 4) for k, v in row.items()}))
-  return {'suite': 'heldout', 'workdir': str(workdir), 'method': models.method,
-          'folds': [m.fold for m in models.members],
-          'cohort': {'profile': args.profile, 'seed': args.seed, 'spacing_mm': args.spacing,
-                     'cases': args.cases},
-          'summary': summarize(rows), 'cases': rows,
-          'seconds_per_case': round(seconds / max(len(cases), 1), 2),
-          'machine': machine.describe(with_jax=False)}
+  return {'summary': summarize(rows), 'cases': rows,
+          'seconds_per_case': round(seconds / max(len(cases), 1), 2)}
+
+
+def _cell(s, m, scale):
+  return f'{scale * s[m]["mean"]:.2f} ± {scale * s[m]["std"]:.2f}' if s[m]['mean'] is not None \
+      else '–'
 
 
 def markdown(result) -> str:
@@ -117,10 +167,16 @@ def markdown(result) -> str:
   for name, s in result['summary'].items():
     if not s['n']:
       continue
-    cell = lambda m, scale: (f'{scale * s[m]["mean"]:.2f} ± {scale * s[m]["std"]:.2f}'
-                             if s[m]['mean'] is not None else '–')
-    lines.append(f'| {name} | {s["n"]} | {cell("dice", 100)} | {cell("sensitivity", 100)} | '
-                 f'{cell("hd95", 1)} |')
+    lines.append(f'| {name} | {s["n"]} | {_cell(s, "dice", 100)} | '
+                 f'{_cell(s, "sensitivity", 100)} | {_cell(s, "hd95", 1)} |')
+  if result.get('shifts'):
+    lines += ['', '| train profile + held-out ranges of | n | Dice (%) | Sensitivity (%) | '
+              'HD95 (mm) |', '|---|---|---|---|---|']
+    for group, summary in result['shifts'].items():
+      s = summary['all']
+      lines.append(f'| {"nothing (new subjects)" if group == "train" else group} | {s["n"]} | '
+                   f'{_cell(s, "dice", 100)} | {_cell(s, "sensitivity", 100)} | '
+                   f'{_cell(s, "hd95", 1)} |')
   return '\n'.join(lines)
 
 

@@ -232,32 +232,52 @@ def _read_json(path):
 
 
 def choose_postprocessing(config, val_ids, case_prob) -> dict:
-  """The smallest-component volume to remove (postprocess.choose_min_volume), chosen on the
-  fold's VALIDATION patients (never its test patients), nnU-Net style; config's own
-  min_volume_ml when there is no validation patient. case_prob(id) -> (prepared case, MNI prob)."""
+  """The threshold and smallest-component volume to remove
+  (postprocess.choose_threshold_and_min_volume), chosen on the fold's VALIDATION patients
+  (never its test patients), nnU-Net style; config's own eval.threshold and min_volume_ml
+  when there is no validation patient. case_prob(id) -> (prepared case, MNI prob).
+
+  With task.regions 'wt_tc_et' the min volume is chosen on WT at eval.threshold (every region
+  is thresholded there; see native_mask).
+  """
   pp = config.postprocess
+  threshold = float(config.eval.threshold)
   if not val_ids:
-    return {'min_volume_ml': float(pp.min_volume_ml), 'chosen_on': []}
-  masks, truths, spacings = [], [], []
-  for case_id in val_ids:   # regions: chosen on WT (see native_mask).
+    return {'min_volume_ml': float(pp.min_volume_ml), 'threshold': threshold, 'chosen_on': []}
+  preds, truths, spacings = [], [], []
+  for case_id in val_ids:
     pc, prob = case_prob(case_id)
-    mask, _ = native_mask(prob, pc.meta, config, brain=pc.brain)
+    mask, native_prob = native_mask(prob, pc.meta, config, brain=pc.brain)
     if mask.ndim == 4:
-      mask = mask[..., 0]
+      preds.append(mask[..., 0])
       truth, img = native_truth(pc.meta, config)
       truth = truth[..., 0]
-    else:
+    else:   # the native-space probability: each candidate threshold is tried on it.
+      preds.append(native_prob)
       truth, img = load_native_label(pc.meta)
-    masks.append(mask)
     truths.append(truth)
     spacings.append(native_spacing(img))
-  choice = postprocess.choose_min_volume(masks, truths, spacings, pp)
+  if preds[0].dtype == bool:
+    choice = dict(postprocess.choose_min_volume(preds, truths, spacings, pp),
+                  threshold=threshold)
+  else:
+    choice = postprocess.choose_threshold_and_min_volume(preds, truths, spacings, pp, threshold)
   choice['chosen_on'] = list(val_ids)
-  logging.info('%s: postprocessing chosen on %d validation patients: remove components below '
-               '%.3g ml (mean Dice %.4f, without removal %.4f)', config.method, len(val_ids),
-               choice['min_volume_ml'], choice['mean_dice'][choice['min_volume_ml']],
-               choice['baseline_dice'])
+  logging.info('%s: postprocessing chosen on %d validation patients: threshold %.2f, remove '
+               'components below %.3g ml (mean Dice %.4f, without removal %.4f)', config.method,
+               len(val_ids), choice['threshold'], choice['min_volume_ml'],
+               choice['mean_dice'][choice['min_volume_ml']], choice['baseline_dice'])
   return choice
+
+
+def with_threshold(config, choice: Optional[Mapping]):
+  """config with the postprocessing choice's threshold (files written before thresholds were
+  chosen have none: config's own)."""
+  if not choice or 'threshold' not in choice:
+    return config
+  config = config.copy_and_resolve_references()
+  config.eval.threshold = float(choice['threshold'])
+  return config
 
 
 def _write_rows(csv_path, rows) -> None:
@@ -336,8 +356,8 @@ def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
       pc, prob = case_prob(case_id)
       seconds['predict'] += time.perf_counter() - tick
       tick = time.perf_counter()
-      scores, native_pred = score_regions(prob, pc.meta, config, brain=pc.brain,
-                                          min_volume_ml=choice['min_volume_ml'])
+      scores, native_pred = score_regions(prob, pc.meta, with_threshold(config, choice),
+                                          brain=pc.brain, min_volume_ml=choice['min_volume_ml'])
       seconds['score'] += time.perf_counter() - tick
       tick = time.perf_counter()
       if save_predictions:

@@ -169,15 +169,19 @@ def _normal_landmarks(wd: Workdir, config, key: Optional[int]) -> np.ndarray:
   return refs[modality]
 
 
-def _min_volume(wd: Workdir, method, folds, config) -> float:
-  """The component-removal volume the evaluate stage chose on each fold's validation patients
-  (the smallest over an ensemble's folds); config.postprocess.min_volume_ml where none did."""
-  chosen = []
+def _postprocessing(wd: Workdir, method, folds, config) -> tuple:
+  """(min volume, threshold) the evaluate stage chose on each fold's validation patients: the
+  smallest volume and the mean threshold over an ensemble's folds; config's
+  postprocess.min_volume_ml and eval.threshold where none did."""
+  volumes, thresholds = [], []
   for k in folds:
     path = wd.eval_dir(method, k) / evaluate.POSTPROCESS_NAME
     if path.exists():
-      chosen.append(float(json.loads(path.read_text())['min_volume_ml']))
-  return min(chosen) if chosen else float(config.postprocess.min_volume_ml)
+      choice = json.loads(path.read_text())
+      volumes.append(float(choice['min_volume_ml']))
+      thresholds.append(float(choice.get('threshold', config.eval.threshold)))
+  return (min(volumes) if volumes else float(config.postprocess.min_volume_ml),
+          float(np.mean(thresholds)) if thresholds else float(config.eval.threshold))
 
 
 def load_models(config=None, workdir=None, *, method: Optional[str] = None,
@@ -225,9 +229,14 @@ def load_models(config=None, workdir=None, *, method: Optional[str] = None,
         config=iv_config, params=predict.load_introvae(iv_config, wd.introvae_dir(key), mesh),
         landmarks=_normal_landmarks(wd, base, key))
   config = members[0].config
+  min_volume, threshold = _postprocessing(wd, method, folds, config)
+  config = evaluate.with_threshold(config, {'threshold': threshold})
+  logging.info('segment: threshold %.3g, components below %.3g ml removed (chosen on '
+               'validation patients by the evaluate stage, else the config)', threshold,
+               min_volume)
   return Models(config=config, method=method, members=tuple(members), introvaes=introvaes,
                 mesh=mesh, eval_batch=predict.round_batch(config.eval.batch_size, mesh),
-                workdir=wd.root, min_volume_ml=_min_volume(wd, method, folds, config))
+                workdir=wd.root, min_volume_ml=min_volume)
 
 
 # --- one patient -----------------------------------------------------------------------------

@@ -241,7 +241,11 @@ def get_config():
   pp.min_volume_ml = 0.0     # connected components below this are removed (0 = off); set it
                              # with postprocess.choose_min_volume on validation patients.
   pp.min_volume_candidates = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
-  pp.min_gain = 0.0          # mean-Dice gain a candidate needs over no removal.
+  pp.min_gain = 0.0          # mean-Dice gain a candidate needs over no removal (or the default
+                             # threshold).
+  # The threshold is chosen with the min volume on the validation patients, from these and
+  # eval.threshold (postprocess.choose_threshold_and_min_volume); () = always eval.threshold.
+  pp.threshold_candidates = (0.2, 0.3, 0.4, 0.5)
   pp.connectivity = 26       # neighbours that join voxels into a component: 6 | 18 | 26.
   pp.keep_largest = True     # the largest component is kept whatever its volume.
 

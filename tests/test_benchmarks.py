@@ -1,4 +1,5 @@
 """The benchmark suite at tiny size: real steps, real cost analysis, real sharded runs."""
+import dataclasses
 import json
 from pathlib import Path
 import subprocess
@@ -15,7 +16,7 @@ from benchmarks import machine
 from benchmarks import run
 from benchmarks import scaling
 from configs import demo
-from data_prep import prepare, validate
+from data_prep import prepare, synthetic, validate
 
 
 def test_device_peaks_by_kind():
@@ -145,11 +146,35 @@ def test_heldout_scores_every_patient_in_its_native_space(tmp_path):
                                      config)
   workdir = inference.build_workdir(config, tmp_path / 'work', [reference])
   args = heldout.parse_args(['--workdir', str(workdir), '--cases', '1', '--spacing', '3',
-                             '--keep', str(tmp_path / 'kept'), '--out', ''])
+                             '--keep', str(tmp_path / 'kept'), '--out', '', '--shifts', 'grid'])
   result = heldout.run(args)
   [row] = result['cases']
   assert result['cohort']['profile'] == 'heldout' and result['summary']['all']['n'] == 1
   assert 0.0 <= row['dice'] <= 1.0 and row['hd95'] >= 0.0 and row['tumor_ml'] > 0
   mask = nib.load(str(tmp_path / 'kept' / 'masks' / f'{row["case"]}_seg.nii.gz'))
   assert list(mask.shape) == row['shape']
-  assert '| all | 1 |' in heldout.markdown(result)
+  assert list(result['shifts']) == ['grid'] and result['shifts']['grid']['all']['n'] == 1
+  grid_case = json.loads((tmp_path / 'kept' / 'shift_grid' / 'cohort' / 'cohort.json')
+                         .read_text())['tumor_cases'][0]
+  axes = ''.join(nib.aff2axcodes(np.asarray(grid_case['grid']['affine'])))
+  assert axes in synthetic.PROFILES['heldout'].orientations   # not one of train's
+  table = heldout.markdown(result)
+  assert '| all | 1 |' in table and '| grid | 1 |' in table
+
+
+def test_shift_profiles_take_one_group_of_heldout_ranges():
+  train, held = synthetic.PROFILES['train'], synthetic.PROFILES['heldout']
+  assert set(heldout.shift_groups('all')) == set(heldout.SHIFT_GROUPS)
+  grouped = [f for fields in heldout.SHIFT_GROUPS.values() for f in fields]
+  assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(train)
+                                   if f.name not in ('name', 'stream', 'hgg_fraction'))
+  for group, fields in heldout.SHIFT_GROUPS.items():
+    p = heldout.shift_profile(group)
+    assert p.stream == held.stream != train.stream
+    for f in dataclasses.fields(train):
+      if f.name in fields:
+        assert getattr(p, f.name) == getattr(held, f.name)
+      elif f.name not in ('name', 'stream'):
+        assert getattr(p, f.name) == getattr(train, f.name)
+  with pytest.raises(ValueError, match='unknown shift group'):
+    heldout.shift_profile('weather')

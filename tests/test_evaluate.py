@@ -1,5 +1,6 @@
 """Native-space evaluation on a real (synthetic, 2 mm) prepared cohort with a tiny real segmenter."""
 import csv
+import json
 from pathlib import Path
 
 import jax
@@ -144,6 +145,9 @@ def test_evaluate_fold_writes_native_predictions_and_resumes(cohort):
     rows = list(csv.DictReader(f))
   assert [r['patient'] for r in rows] == [test_id]
   assert rows[0]['method'] == 'clfc' and rows[0]['fold'] == '0'
+  choice = json.loads((out / evaluate.POSTPROCESS_NAME).read_text())
+  assert cohort['split']['val'] == [] and choice['chosen_on'] == []   # no validation patient:
+  assert choice['threshold'] == config.eval.threshold                 # the config's threshold
   # The written NIfTI has the input's geometry, and the CSV scores exactly that file.
   pred = nib.load(out / 'predictions' / f'{test_id}_seg.nii.gz')
   native = nib.load(store.load_prepared_meta(wd.prep_cases, test_id)['label_file'])
@@ -166,6 +170,26 @@ def test_evaluate_fold_writes_native_predictions_and_resumes(cohort):
   assert again['evaluated_now'] == 0 and again['dice'] == 0.125
   # Nothing outside WORKDIR/eval was written.
   assert not (wd.root / 'report').exists()
+
+
+def test_threshold_is_chosen_on_the_validation_patients_native_probabilities(cohort):
+  """An under-confident model (0.35 on the tumour) is thresholded below 0.5; the choice goes
+  into a copy of the config only."""
+  config, wd = cohort['config'], cohort['wd']
+  ids = cohort['split']['train']   # stand-ins for a fold's validation patients
+
+  def case_prob(case_id):
+    pc = store.load_prepared(wd.prep_cases, case_id)
+    return pc, np.where(pc.label > 0, 0.35, 0.0).astype(np.float32)
+
+  choice = evaluate.choose_postprocessing(config, ids, case_prob)
+  t = choice['threshold']   # 0.35 resampled linearly: 0.2 or 0.3 catch the most of it
+  assert t in (0.2, 0.3) and choice['chosen_on'] == ids
+  assert choice['threshold_dice'][t] == max(choice['threshold_dice'].values()) > 0.5
+  assert choice['threshold_dice'][0.5] == 0.0
+  chosen = evaluate.with_threshold(config, choice)
+  assert chosen.eval.threshold == t and config.eval.threshold == 0.5
+  assert evaluate.with_threshold(config, {'min_volume_ml': 0.0}) is config   # older files
 
 
 def test_evaluate_fold_without_checkpoints_says_so(cohort):

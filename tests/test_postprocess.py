@@ -156,3 +156,45 @@ def test_choose_min_volume_restricts_to_the_brain_and_thresholds_probabilities()
     postprocess.choose_min_volume(preds, truths[:-1], spacings, _pp())
   with pytest.raises(ValueError, match='threshold'):
     postprocess.choose_min_volume(probs, truths, spacings, _pp())
+
+
+def _under_confident(seed):
+  """Probabilities of a model unsure at the tumour's rim: 0.35 on its outer shell, 0.9 inside,
+  0.05 elsewhere with a few 0.45 specks."""
+  rng = np.random.default_rng(seed)
+  probs, truths = [], []
+  for _ in range(4):
+    shape = (24, 24, 24)
+    centre, radius = rng.integers(9, 15, 3), rng.uniform(4, 7)
+    truth = _ball(shape, centre, radius)
+    prob = np.full(shape, 0.05, np.float32)
+    prob[truth] = 0.35
+    prob[_ball(shape, centre, radius - 2)] = 0.9
+    x = rng.integers(0, 22, 3)
+    prob[x[0]:x[0] + 2, x[1], x[2]] = 0.45
+    probs.append(prob)
+    truths.append(truth)
+  return probs, truths, [(2.0, 2.0, 2.0)] * len(probs)
+
+
+def test_threshold_is_chosen_with_the_min_volume_on_validation_probabilities():
+  probs, truths, spacings = _under_confident(0)
+  pp = _pp(threshold_candidates=(0.2, 0.3, 0.4), min_volume_candidates=(0.01, 0.1))
+  report = postprocess.choose_threshold_and_min_volume(probs, truths, spacings, pp, 0.5)
+  assert report['threshold'] == 0.3 and set(report['threshold_dice']) == {0.2, 0.3, 0.4, 0.5}
+  for t, dice in report['threshold_dice'].items():   # each: its best min volume's Dice
+    at_t = postprocess.choose_min_volume(probs, truths, spacings, pp, threshold=t)
+    assert dice == pytest.approx(at_t['mean_dice'][at_t['min_volume_ml']])
+  assert report['threshold_dice'][0.3] == pytest.approx(1.0)
+  assert report['threshold_dice'][0.5] < 0.9
+  # At 0.3 the 0.45 specks are in the mask too: the volume chosen with it removes them.
+  assert report['min_volume_ml'] > 0
+  # No candidates, or a gain required beyond what they bring: the default threshold.
+  assert postprocess.choose_threshold_and_min_volume(
+      probs, truths, spacings, _pp(threshold_candidates=()), 0.5)['threshold'] == 0.5
+  assert postprocess.choose_threshold_and_min_volume(
+      probs, truths, spacings, _pp(min_gain=0.9), 0.5)['threshold'] == 0.5
+  # A confident model keeps the default (ties go to it).
+  sure = [np.where(t, 0.95, 0.01).astype(np.float32) for t in truths]
+  assert postprocess.choose_threshold_and_min_volume(sure, truths, spacings, pp, 0.5)[
+      'threshold'] == 0.5

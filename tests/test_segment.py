@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from clfc_jax import checkpoints, predict, segment, sharding
+from clfc_jax import checkpoints, evaluate, predict, segment, sharding
 from clfc_jax.train import introvae_steps as introvae_train
 from clfc_jax.train import steps as train
 from clfc_jax.workdir import Workdir
@@ -306,6 +306,27 @@ def test_segment_case_api_times_every_phase(trained, tmp_path):
   assert set(result['seconds']) == set(segment.PHASES)
   assert all(v > 0 for v in result['seconds'].values())
   assert _dice(nib.load(result['outputs']['seg']).dataobj, truth) >= 0.7
+
+
+def test_segment_thresholds_where_the_evaluate_stage_chose_on_validation(trained, tmp_path):
+  wd = trained['wd']
+  path = wd.eval_dir('baseline2', 0) / evaluate.POSTPROCESS_NAME
+  assert not path.exists()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({'min_volume_ml': 0.0, 'threshold': 0.3}))
+  try:
+    models = segment.load_models(None, wd.root, fold=0)
+  finally:
+    path.unlink()
+  assert models.config.eval.threshold == 0.3 and models.min_volume_ml == 0.0
+  assert trained['models'].config.eval.threshold == 0.5   # no choice written: the config's
+  paths, _ = _store(trained['subjects'][7], 'RAS', (slice(None),) * 3, tmp_path / 'in', 'pat_T')
+  outputs = segment.segment_case(models, segment.case_from_files(paths), tmp_path / 'o',
+                                 save_prob=True)['outputs']
+  prob = np.asarray(nib.load(outputs['prob']).dataobj)
+  seg = np.asarray(nib.load(outputs['seg']).dataobj) > 0
+  assert ((prob > 0.3) & (prob <= 0.5)).any()
+  np.testing.assert_array_equal(seg, prob > 0.3)
 
 
 def test_ensemble_averages_the_folds_probabilities(trained, tmp_path):
