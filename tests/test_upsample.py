@@ -73,3 +73,21 @@ def test_bfloat16_activations_keep_float32_params(setup):
   assert params['params']['kernel'].dtype == jnp.float32
   np.testing.assert_allclose(y.astype(jnp.float32), PhaseUpsample(4).apply(params, x),
                              rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize('kind', ['phase', 'conv_transpose'])
+def test_a_flat_input_comes_out_as_a_2x2_phase_pattern(kind):
+  """Why the study's Fig. 3 shows g(F_R) in four clusters and Fig. 4 a grid in A_3/A_4: the
+  decoder's UP (k4, s2, no norm or activation; SPEC) feeds the CLFC gate directly, and each of
+  an output's four phases (row, column parity) is its own 2x2 slice of the 4x4 kernel. A
+  featureless region therefore comes out as four different vectors, one per phase."""
+  layer = make_upsample(kind, 8)
+  x = jnp.ones((1, 6, 6, 3))
+  params = layer.init(jax.random.key(0), x)
+  y = np.asarray(layer.apply(params, x))[0, 2:-2, 2:-2]   # away from the zero padding
+  phases = [y[i::2, j::2].reshape(-1, 8) for i in (0, 1) for j in (0, 1)]
+  for p in phases:   # each phase is constant ...
+    np.testing.assert_allclose(p, np.broadcast_to(p[0], p.shape), atol=1e-5)
+  centres = np.stack([p[0] for p in phases])   # ... and the four differ
+  gaps = [np.linalg.norm(centres[a] - centres[b]) for a in range(4) for b in range(a + 1, 4)]
+  assert min(gaps) > 1e-2
