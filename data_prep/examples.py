@@ -16,15 +16,13 @@ memory stays bounded (one case of BraTS holds ~190 MB of stacks).
 from __future__ import annotations
 
 import collections
-import concurrent.futures
-import multiprocessing
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from data_prep import inputs, labels, slices, store
+from data_prep import inputs, labels, pools, slices, store
 from data_prep.case import CaseError
 
 
@@ -110,8 +108,7 @@ def ordered_map(fn: Callable, items: Iterable, workers: int,
     yield from map(fn, items)
     return
   ahead = ahead or 2 * workers
-  with concurrent.futures.ProcessPoolExecutor(
-      workers, mp_context=multiprocessing.get_context('spawn')) as pool:
+  with pools.spawn_pool(workers) as pool:
     pending = collections.deque()
     for item in items:
       pending.append(pool.submit(fn, item))

@@ -12,7 +12,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
-import multiprocessing
 import os
 from pathlib import Path
 import time
@@ -23,7 +22,7 @@ from scipy import ndimage as ndi
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from data_prep import register, store, validate
+from data_prep import pools, register, store, validate
 from data_prep.case import Case, CaseError, LoadedCase
 
 SUMMARY_NAME = 'prep_summary.json'
@@ -311,9 +310,8 @@ def prepare_cohort(cases, config, out_dir, *, num_workers: Optional[int] = None,
     finally:
       sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
   else:
-    with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context('spawn'),
-        initializer=_init_worker, initargs=(_threads(config, workers),)) as pool:
+    with pools.spawn_pool(workers, initializer=_init_worker,
+                          initargs=(_threads(config, workers),)) as pool:
       futures = {pool.submit(_prepare_one, c, config, str(out_dir)): c for c in todo}
       for future in concurrent.futures.as_completed(futures):
         case = futures[future]
