@@ -59,6 +59,8 @@ class ModalityDraw:
   shift: float
   gamma: bool
   gamma_value: float
+  bias_kind: str = 'polynomial'   # or 'grid' (aug.bias_kind)
+  bias_cell: float = 0.0          # grid: cell size as a fraction of the image height
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +81,17 @@ def _n_bias_terms():
   return (_BIAS_ORDER + 1) * (_BIAS_ORDER + 2) // 2
 
 
+def _bias_rng(coefficients, stream: int) -> np.random.Generator:
+  """The grid bias field's own Generators (stream 0: its cell size, 1: its values), seeded by
+  the modality's polynomial draw: the grid kind draws nothing more from the example's stream,
+  so every other parameter stays as it is."""
+  words = np.frombuffer(np.asarray(coefficients, np.float64).tobytes(), np.uint64)
+  return np.random.default_rng([*words.tolist(), stream])
+
+
 def _draw_modality(rng, aug) -> ModalityDraw:
   u = rng.uniform(size=7)
-  return ModalityDraw(
+  draw = ModalityDraw(
       blur=bool(u[0] < aug.blur_prob), blur_sigma=float(rng.uniform(*aug.blur_sigma)),
       lowres=bool(u[1] < aug.lowres_prob), lowres_factor=float(rng.uniform(*aug.lowres_factor)),
       slab=bool(u[2] < aug.slab_prob), slab_sigma=float(rng.uniform(*aug.slab_sigma)),
@@ -93,6 +103,13 @@ def _draw_modality(rng, aug) -> ModalityDraw:
       scale=float(rng.uniform(1.0 - aug.intensity_scale, 1.0 + aug.intensity_scale)),
       shift=float(rng.uniform(-aug.intensity_shift, aug.intensity_shift)),
       gamma=bool(u[6] < aug.gamma_prob), gamma_value=float(rng.uniform(*aug.gamma_range)))
+  kind = getattr(aug, 'bias_kind', 'polynomial')
+  if kind == 'polynomial':
+    return draw
+  if kind != 'grid':
+    raise ValueError(f"augment.bias_kind={kind!r}; expected 'polynomial' or 'grid'")
+  cell = float(_bias_rng(draw.bias_coefficients, 0).uniform(*aug.bias_cell))
+  return dataclasses.replace(draw, bias_kind='grid', bias_cell=cell)
 
 
 def draw(rng: np.random.Generator, aug, n_modalities: int) -> Draw:
@@ -172,18 +189,26 @@ def spatial(example: dict, d: Draw) -> dict:
 
 # --- intensity ---------------------------------------------------------------------------------
 
-def _bias_field(shape, coefficients, amplitude):
-  """exp(polynomial in centred, unit-range coordinates), its log scaled to max |.| = amplitude."""
+def _bias_field(shape, coefficients, amplitude, kind='polynomial', cell=0.0):
+  """exp(log field), the log scaled to max |.| = amplitude. 'polynomial': a cubic in centred,
+  unit-range coordinates (one smooth swell); 'grid': cubic interpolation of Gaussian values on
+  a grid of `cell` x image-height cells (the finer fields of old coils and 7 T scanners)."""
   h, w = shape
-  y = np.linspace(-1.0, 1.0, h)[:, None]
-  x = np.linspace(-1.0, 1.0, w)[None, :]
-  log = np.zeros(shape)
-  k = 0
-  for i in range(_BIAS_ORDER + 1):
-    for j in range(_BIAS_ORDER + 1 - i):
-      log = log + coefficients[k] * y ** i * x ** j
-      k += 1
-  log -= log.mean()
+  if kind == 'grid':
+    rows = int(np.ceil(1.0 / cell)) + 1
+    cols = int(np.ceil(w / (h * cell))) + 1
+    values = _bias_rng(coefficients, 1).standard_normal((rows, cols))
+    log = ndi.zoom(values, (h / rows, w / cols), order=3, mode='nearest', grid_mode=True)
+  else:
+    y = np.linspace(-1.0, 1.0, h)[:, None]
+    x = np.linspace(-1.0, 1.0, w)[None, :]
+    log = np.zeros(shape)
+    k = 0
+    for i in range(_BIAS_ORDER + 1):
+      for j in range(_BIAS_ORDER + 1 - i):
+        log = log + coefficients[k] * y ** i * x ** j
+        k += 1
+  log = log - log.mean()
   peak = np.abs(log).max()
   if peak > 0:
     log *= amplitude / peak
@@ -210,7 +235,8 @@ def intensity(x, fg, m: ModalityDraw, noise_rng, noise_std) -> np.ndarray:
   if m.slab and y.shape[2] > 1:
     y = ndi.gaussian_filter1d(y, m.slab_sigma, axis=2, mode='nearest')
   if m.bias:
-    y = y * _bias_field(y.shape[:2], m.bias_coefficients, m.bias_amplitude)[..., None]
+    y = y * _bias_field(y.shape[:2], m.bias_coefficients, m.bias_amplitude, m.bias_kind,
+                        m.bias_cell)[..., None]
   if m.noise:
     y = y + noise_rng.normal(0.0, noise_std, y.shape).astype(np.float32)
   if m.contrast:

@@ -1,5 +1,7 @@
 """data_prep.augment: shapes, determinism, identity when off, aligned spatial transforms, and
 each intensity transform changing what it should (its modality's foreground) and nothing else."""
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -185,6 +187,29 @@ def test_bias_field_is_smooth_and_shared_by_a_modality_slices():
     assert np.nanmax(field) / np.nanmin(field) > np.exp(draw.bias_amplitude * 0.5)
     ratios.append(field)
   assert not np.allclose(ratios[0], ratios[1], equal_nan=True)
+
+
+def test_grid_bias_field_is_finer_than_the_polynomial_and_leaves_other_draws_alone():
+  poly_ex, poly, d_poly = _only_intensity('bias_prob', bias_strength=0.5)
+  _, grid, d_grid = _only_intensity('bias_prob', bias_strength=0.5, bias_kind='grid',
+                                    bias_cell=(0.1, 0.1))
+  for a, b in zip(d_poly.modalities, d_grid.modalities):   # the same stream otherwise
+    assert dataclasses.replace(b, bias_kind='polynomial', bias_cell=0.0) == a
+    assert b.bias_kind == 'grid' and b.bias_cell == pytest.approx(0.1)
+  h, w = 96, 80
+  poly_f = augment._bias_field((h, w), d_poly.modalities[0].bias_coefficients, 0.5)
+  grid_f = augment._bias_field((h, w), d_grid.modalities[0].bias_coefficients, 0.5, 'grid', 0.1)
+  for f in (poly_f, grid_f):
+    assert f.shape == (h, w) and np.abs(np.log(f)).max() == pytest.approx(0.5, rel=1e-5)
+  # Finer: the grid's log field turns (changes its slope's sign) far more often along a row.
+  turns = lambda f: int((np.diff(np.sign(np.diff(np.log(f), axis=1)), axis=1) != 0).sum())
+  assert turns(grid_f) > 4 * max(turns(poly_f), 1)
+  # Reproducible from the draw, and applied to the image as drawn.
+  np.testing.assert_array_equal(grid_f, augment._bias_field(
+      (h, w), d_grid.modalities[0].bias_coefficients, 0.5, 'grid', 0.1))
+  assert not np.array_equal(grid['image'], poly['image'])
+  with pytest.raises(ValueError, match='bias_kind'):
+    _run(_aug(bias_prob=1.0, bias_kind='cosine'))
 
 
 def test_noise_has_the_configured_std_and_stays_in_the_foreground():
