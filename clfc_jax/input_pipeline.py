@@ -40,7 +40,7 @@ import numpy as np
 
 from data_prep import augment
 from data_prep import folds as folds_lib
-from data_prep import examples, inputs, labels, normalize, shards, store, tfrecord
+from data_prep import examples, labels, normalize, shards, store, tfrecord
 
 _ENDLESS = sys.maxsize // 2   # samples of an endless stream (grain's datasets have a length).
 
