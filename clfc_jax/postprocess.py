@@ -155,8 +155,8 @@ def choose_threshold_and_min_volume(probabilities: Sequence[np.ndarray],
   reaches 0.81 sensitivity at 0.93 precision), and more so on scans unlike its training ones;
   nnU-Net fixes post-processing on validation folds, and so does this, for the threshold too.
   A threshold other than the default must beat it by more than pp.min_gain; ties go to the
-  default, then to the candidate nearest it. Returns choose_min_volume's record at the chosen threshold plus 'threshold' and
-  'threshold_dice' {candidate: mean Dice at its best min volume}.
+  default, then to the candidate nearest it. Returns choose_min_volume's record at the chosen
+  threshold plus 'threshold' and 'threshold_dice' {candidate: mean Dice at its best min volume}.
   """
   default_threshold = float(default_threshold)
   candidates = sorted({default_threshold, *(float(t) for t in pp.get('threshold_candidates', ()))})
