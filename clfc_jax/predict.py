@@ -6,7 +6,7 @@ clfc_jax.segment (big_vision style: evaluators receive predict functions, not ch
   segmenter_fns       a method's compiled eval (probability), attention and raw-output functions
   load_segmenter      a run's best checkpoint -> variables
   load_introvae       the frozen IntroVAE -> its parameters; reconstruct_volume -> pseudo-normal
-                      (Dec(μ) or the restoration, config.introvae.inference)
+                      (Dec(μ), the restoration or the inpainting, config.introvae.inference)
 
 Compiled functions are cached per (config, mesh) with functools.cache on hashable keys
 (ml_collections.FrozenConfigDict), since compiling dominates short runs.
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from clfc_jax import inpaint
 from clfc_jax import sharding as sharding_lib
 from clfc_jax.models import segmenter
 from clfc_jax.train import introvae_trainer
@@ -142,24 +143,32 @@ def load_introvae(config, introvae_dir, mesh):
   return jax.device_put({'enc': enc, 'dec': dec}, sharding_lib.replicated(mesh))
 
 
-INFERENCE_MODES = ('reconstruct', 'restore')
+INFERENCE_MODES = ('reconstruct', 'restore', 'inpaint')
+
+
+def inference_mode(config) -> str:
+  """config.introvae.inference, checked; a config saved before the setting existed
+  reconstructs."""
+  mode = config.introvae.get('inference', 'reconstruct')
+  if mode not in INFERENCE_MODES:
+    raise ValueError(f'introvae.inference={mode!r}; expected one of {INFERENCE_MODES}')
+  return mode
 
 
 def pseudo_normal_fn(config) -> Callable:
-  """The jitted `(enc, dec, images) -> pseudo-normal` of config.introvae.inference:
-  'reconstruct' Dec(μ(x)) (SPEC §6) or 'restore' (restoration under the IntroVAE prior). A
-  config saved before the setting existed reconstructs."""
-  mode = config.introvae.get('inference', 'reconstruct')
-  if mode == 'reconstruct':
+  """The jitted `(enc, dec, images) -> [B,H,W,1]` of config.introvae.inference: 'reconstruct'
+  Dec(μ(x)) (SPEC §6), 'restore' (restoration under the IntroVAE prior) or, for 'inpaint',
+  Dec(μ(x)) as the expectation that clfc_jax.inpaint compares the volume with."""
+  mode = inference_mode(config)
+  if mode in ('reconstruct', 'inpaint'):
     return introvae_trainer.reconstruct_fn(config)
-  if mode == 'restore':
-    return introvae_trainer.restore_fn(config)
-  raise ValueError(f'introvae.inference={mode!r}; expected one of {INFERENCE_MODES}')
+  return introvae_trainer.restore_fn(config)
 
 
 def reconstruct_volume(config, params, unit: np.ndarray, brain, mesh) -> np.ndarray:
   """The pseudo-normal of every brain-containing axial slice of `unit` [Z,H,W] in [-1, 1]
-  (config.introvae.inference: Dec(μ(x)) or the restoration); -1 elsewhere.
+  (config.introvae.inference: Dec(μ(x)), the restoration, or the input inpainted where it is
+  darker than Dec(μ(x)) in blobs, clfc_jax.inpaint); -1 elsewhere.
 
   Slices go through the jitted function in batches of introvae.recon_batch_size (rounded up
   to the device count), split over the 'data' axis of `mesh`.
@@ -172,4 +181,7 @@ def reconstruct_volume(config, params, unit: np.ndarray, brain, mesh) -> np.ndar
         lambda p, batch: recon(p['enc'], p['dec'], batch['image']), params,
         {'image': np.asarray(unit, np.float32)[idx, ..., None]},
         round_batch(config.introvae.recon_batch_size, mesh), mesh)[..., 0]
-  return np.where(brain, np.clip(out, -1.0, 1.0), -1.0).astype(np.float32)
+  out = np.where(brain, np.clip(out, -1.0, 1.0), -1.0).astype(np.float32)
+  if inference_mode(config) == 'inpaint':
+    out = inpaint.inpaint(unit, out, brain, config.introvae, config.prep.spacing)
+  return out

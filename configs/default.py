@@ -208,7 +208,15 @@ def get_config():
   # harder). Measured on the demo (experiments/restore_results.md): λ = 0.5 keeps healthy tissue
   # within 2x the noise floor; the full gradient (restore_through_model) was worse and ~7x
   # slower per step, and steps beyond the first (η = 1) changed nothing.
+  # 'inpaint' = the input T1, except inside M = dilate(open(G * (x − Dec(μ(x))) < −τ)), where
+  # it is filled from the healthy tissue around (clfc_jax.inpaint; beyond the paper).
   iv.inference = 'reconstruct'
+  iv.inpaint_threshold = 0.2       # τ, [-1, 1] units: how much darker than Dec(μ) is abnormal.
+  iv.inpaint_polarity = -1         # -1 darker (T1 lesions), +1 brighter (T1c), 0 either.
+  iv.inpaint_smooth_mm = 2.0       # in-plane Gaussian σ on the residual.
+  iv.inpaint_opening_mm = 4.0      # opening radius: drops what is thinner (cortex, sulci).
+  iv.inpaint_dilation_mm = 2.0     # the lesion's partial-volume rim.
+  iv.inpaint_fill_mm = 3.0         # σ of the first (narrowest) fill pass.
   iv.restore_steps = 1
   iv.restore_lr = 1.0
   iv.restore_weight = 0.5

@@ -295,8 +295,10 @@ def test_pseudo_normal_fn_follows_the_inference_setting():
   assert predict.pseudo_normal_fn(config) is introvae_trainer.reconstruct_fn(config)
   config.introvae.inference = 'restore'
   assert predict.pseudo_normal_fn(config) is introvae_trainer.restore_fn(config)
-  config.introvae.inference = 'inpaint'
-  with pytest.raises(ValueError, match="introvae.inference='inpaint'"):
+  config.introvae.inference = 'inpaint'   # Dec(μ) is its expectation; inpaint.py does the rest
+  assert predict.pseudo_normal_fn(config) is introvae_trainer.reconstruct_fn(config)
+  config.introvae.inference = 'denoise'
+  with pytest.raises(ValueError, match="introvae.inference='denoise'"):
     predict.pseudo_normal_fn(config)
 
 
