@@ -18,11 +18,23 @@ def foreground_probability(logits):
   return jnp.sum(probs[..., 1:], axis=-1)
 
 
-def dice_loss(logits, label, smooth):
-  """1 - (2Σpy + s) / (Σp + Σy + s), pooled over the whole batch."""
+def dice_loss(logits, label, smooth, fn_weight=0.5):
+  """1 - (2Σpy + s) / (Σp + Σy + s), pooled over the whole batch.
+
+  fn_weight β != 0.5 makes it the Tversky loss (Salehi et al. 2017), 1 - (2Σpy + s) /
+  (2Σpy + 2(1-β)Σp(1-y) + 2βΣ(1-p)y + s): a missed tumour pixel costs β / (1 - β) times a
+  false one (β = 0.5 is the Dice above, computed as written so that it stays bit for bit).
+  """
   p = foreground_probability(logits)
   y = (label > 0).astype(jnp.float32)
-  return 1.0 - (2.0 * jnp.sum(p * y) + smooth) / (jnp.sum(p) + jnp.sum(y) + smooth)
+  if fn_weight == 0.5:
+    return 1.0 - (2.0 * jnp.sum(p * y) + smooth) / (jnp.sum(p) + jnp.sum(y) + smooth)
+  tp = jnp.sum(p * y)
+  fp = jnp.sum(p) - tp
+  fn = jnp.sum(y) - tp
+  beta = float(fn_weight)
+  return 1.0 - (2.0 * tp + smooth) / (2.0 * tp + 2.0 * (1.0 - beta) * fp + 2.0 * beta * fn
+                                      + smooth)
 
 
 def region_dice_loss(logits, targets, smooth):
@@ -103,7 +115,7 @@ def segmentation_loss(outputs, label, config):
   logits = outputs['logits']
   n_regions = len(labels.region_names(config))
   if n_regions == 1:
-    dice = dice_loss(logits, label, lo.dice_smooth)
+    dice = dice_loss(logits, label, lo.dice_smooth, lo.get('dice_fn_weight', 0.5))
     ce = cross_entropy(logits, label)
   else:
     targets = level_targets(label, n_regions)

@@ -142,6 +142,7 @@ def get_config():
   lo.sim_weight = 1.0        # lambda.
   lo.ce_weight = 0.0         # the code trains -Dice + CE; the paper Dice only.
   lo.dice_smooth = 1e-5
+  lo.dice_fn_weight = 0.5    # β: 0.5 = Dice (the paper); > 0.5 = Tversky, misses cost more.
   lo.sim_mask_mode = 'normal_only'  # 'normal_only' (SPEC) | 'zero_tumor' (code).
 
   # --- Segmentation training (SPEC §7) --------------------------------------------------------

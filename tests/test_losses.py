@@ -29,6 +29,19 @@ def test_dice_loss_hand_computed():
   assert float(both) == pytest.approx(1.0 - 2.5 / 4.25, rel=1e-6)
 
 
+def test_tversky_weights_misses_hand_computed():
+  """β = 0.7: TP 1.25, FP Σp - TP = 1.0, FN Σy - TP = 0.75; β = 0.5 is the Dice exactly."""
+  logits, label = four_pixels()
+  s = 1e-5
+  expected = 1.0 - (2.5 + s) / (2.5 + 2 * 0.3 * 1.0 + 2 * 0.7 * 0.75 + s)
+  assert float(losses.dice_loss(logits, label, s, 0.7)) == pytest.approx(expected, rel=1e-6)
+  assert float(losses.dice_loss(logits, label, s, 0.5)) == float(losses.dice_loss(logits, label, s))
+  # A missed pixel now costs more than a false one: the gradient pushes the labelled 0.5
+  # pixel up harder than the Dice does.
+  grad = lambda b: jax.grad(lambda l: losses.dice_loss(l, label, s, b))(logits)[0, 1, 0, 1]
+  assert float(grad(0.7)) < float(grad(0.5)) < 0
+
+
 def test_cross_entropy_hand_computed():
   logits, label = four_pixels()
   expected = -(np.log(0.75) + np.log(0.75) + np.log(0.5) + np.log(0.25)) / 4
