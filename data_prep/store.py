@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -67,11 +68,14 @@ def atomic_write(path) -> Iterator[Path]:
 
   The temporary keeps the suffix (.nii.gz, .npz, .png), so writers that pick the format by
   suffix still work. If the block raises, the temporary is removed and `path` is untouched.
-  Nest several (contextlib.ExitStack) to write every file or none.
+  Nest several (contextlib.ExitStack) to write every file or none. The temporary's name is
+  unique to the process and call: hosts of a multi-host job that write the same file (each
+  fits the same fold's histogram references) each replace it whole, and the last one wins.
   """
   path = Path(path)
   suffix = _suffix(path)
-  tmp = path.with_name(f'.{path.name[:len(path.name) - len(suffix)]}.tmp{suffix}')
+  stem = path.name[:len(path.name) - len(suffix)]
+  tmp = path.with_name(f'.{stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}')
   try:
     yield tmp
     os.replace(tmp, path)

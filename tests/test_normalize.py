@@ -84,3 +84,17 @@ def test_save_load_and_cache(tmp_path):
   (tmp_path / 'bad.json').write_text('{"nope": 1}')
   with pytest.raises(CaseError, match='bad.json'):
     normalize.load_references(tmp_path / 'bad.json')
+
+
+def test_two_writers_of_one_file_each_replace_it_whole(tmp_path):
+  """Hosts of a multi-host job fit and save the same fold's references at the same time: each
+  atomic write has its own temporary, so neither fails and the file is one whole version."""
+  path = tmp_path / 'hist_refs_fold0.json'
+  with store.atomic_write(path) as first:
+    with store.atomic_write(path) as second:
+      assert first != second
+      first.write_text('{"host": 0}')
+      second.write_text('{"host": 1}')
+    assert path.read_text() == '{"host": 1}'
+  assert path.read_text() == '{"host": 0}'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['hist_refs_fold0.json']   # no leftovers
