@@ -5,13 +5,14 @@ Dec(μ(x)) as the pseudo-normal (SPEC §6) loses the subject's anatomy (healthy-
 times the noise floor), and restoring towards it moves little of the tumour, because the model
 has nothing sharp to move it to (experiments/restore_results.md). The same blur is still a good
 *expectation*: on T1, necrosis, edema and non-enhancing tumour are darker than a healthy brain
-at that place, in blobs; a blur is darker than the subject too, but only along thin structures
+at that place, in blobs; the subject is darker than the blur too, mostly along thin structures
 (the cortical ribbon, sulci, ventricle edges). So
 
   M = dilate(open(polarity · G_σ * (x − Dec(μ(x))) > τ)) ∩ brain
 
-marks the lesion without labels, and inside M the pseudo-normal is the subject's own healthy
-tissue around it (normalised Gaussian convolution, widened until every voxel of M is reached:
+takes in the lesion without labels. It is not a lesion detector: on the demo it also covers
+much of the cortex (20-30% of the brain in all), where the fill changes little. Inside M the
+pseudo-normal is the subject's own tissue around it (normalised Gaussian convolution, widened until every voxel of M is reached:
 the multi-scale form of Knutsson & Westin's normalised convolution). Outside M it is the input,
 so healthy anatomy is kept exactly. Beyond the paper: `introvae.inference='inpaint'`.
 
