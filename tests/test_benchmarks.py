@@ -146,9 +146,16 @@ def test_heldout_scores_every_patient_in_its_native_space(tmp_path):
                                      config)
   workdir = inference.build_workdir(config, tmp_path / 'work', [reference])
   args = heldout.parse_args(['--workdir', str(workdir), '--cases', '1', '--spacing', '3',
-                             '--keep', str(tmp_path / 'kept'), '--out', '', '--shifts', 'grid'])
+                             '--keep', str(tmp_path / 'kept'), '--out', '', '--shifts', 'grid',
+                             '--ceiling'])
   result = heldout.run(args)
   [row] = result['cases']
+  # The ceiling: the patient's own label through the 4 mm grid and back, nearly whole; the
+  # untrained model is far below it.
+  [best] = result['ceiling']['cases']
+  assert best['case'] == row['case'] and best['tumor_ml'] == pytest.approx(row['tumor_ml'])
+  assert best['dice'] > 0.7 and best['dice'] > row['dice'] + 0.3
+  assert result['shifts']['grid']['ceiling']['dice']['mean'] > 0.7
   assert result['cohort']['profile'] == 'heldout' and result['summary']['all']['n'] == 1
   assert 0.0 <= row['dice'] <= 1.0 and row['hd95'] >= 0.0 and row['tumor_ml'] > 0
   mask = nib.load(str(tmp_path / 'kept' / 'masks' / f'{row["case"]}_seg.nii.gz'))
@@ -159,7 +166,7 @@ def test_heldout_scores_every_patient_in_its_native_space(tmp_path):
   axes = ''.join(nib.aff2axcodes(np.asarray(grid_case['grid']['affine'])))
   assert axes in synthetic.PROFILES['heldout'].orientations   # not one of train's
   table = heldout.markdown(result)
-  assert '| all | 1 |' in table and '| grid | 1 |' in table
+  assert '| all | 1 |' in table and '| grid | 1 |' in table and '| ... its ceiling | 1 |' in table
 
 
 def test_shift_profiles_take_one_group_of_heldout_ranges():
