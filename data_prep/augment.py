@@ -12,7 +12,8 @@ bias, blur, thick slices, noise). Each example gets, from its own numpy Generato
 * intensity, per modality (`per_modality`; else one draw for all, the TF pipeline's way), each
   with its own probability and the same parameters for all 2K+1 slices of that modality:
   in-plane blur, simulated low resolution, blur across the 2K+1 slices (thick slices), a
-  smooth multiplicative bias field, Gaussian noise, contrast (scale and shift) and gamma.
+  smooth multiplicative bias field (one field for all modalities with `bias_shared`, as one
+  receive coil makes it), Gaussian noise, contrast (scale and shift) and gamma.
   They act on each slice's foreground (pixels that differ from its background) only: the
   prepared images are 0 outside the brain at test time too.
 
@@ -77,6 +78,9 @@ class Draw:
     return self.angle_deg != 0.0 or self.zoom != 1.0
 
 
+_BIAS_FIELDS = ('bias', 'bias_coefficients', 'bias_amplitude', 'bias_kind', 'bias_cell')
+
+
 def _n_bias_terms():
   return (_BIAS_ORDER + 1) * (_BIAS_ORDER + 2) // 2
 
@@ -121,6 +125,11 @@ def draw(rng: np.random.Generator, aug, n_modalities: int) -> Draw:
   per = [_draw_modality(rng, aug) for _ in range(n_modalities)]
   if not aug.per_modality:
     per = [per[0]] * n_modalities
+  elif getattr(aug, 'bias_shared', False):
+    # One receive coil: the bias field is the first modality's in every modality (its other
+    # draws stay its own), so the ratios between modalities keep the tissue's contrast.
+    shared = {f: getattr(per[0], f) for f in _BIAS_FIELDS}
+    per = [dataclasses.replace(m, **shared) for m in per]
   return Draw(flips=flips, angle_deg=angle if u[2] < aug.rotate_prob else 0.0,
               zoom=zoom if u[3] < aug.scale_prob else 1.0, modalities=tuple(per),
               noise_seed=int(rng.integers(2 ** 63)))

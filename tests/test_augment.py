@@ -212,6 +212,25 @@ def test_grid_bias_field_is_finer_than_the_polynomial_and_leaves_other_draws_alo
     _run(_aug(bias_prob=1.0, bias_kind='cosine'))
 
 
+def test_shared_bias_is_one_field_for_every_modality_and_changes_nothing_else():
+  _, apart, d_apart = _only_intensity('bias_prob', bias_strength=0.5, bias_kind='grid',
+                                      noise_prob=1.0, intensity_prob=1.0)
+  ex, shared, d_shared = _only_intensity('bias_prob', bias_strength=0.5, bias_kind='grid',
+                                         noise_prob=1.0, intensity_prob=1.0, bias_shared=True)
+  first = d_shared.modalities[0]
+  assert first == d_apart.modalities[0]
+  fields = {augment._bias_field((96, 80), m.bias_coefficients, m.bias_amplitude, m.bias_kind,
+                                m.bias_cell).tobytes() for m in d_shared.modalities}
+  assert len(fields) == 1   # one field ...
+  for a, b in zip(d_apart.modalities[1:], d_shared.modalities[1:]):
+    assert a.bias_coefficients != b.bias_coefficients   # ... where there were M before ...
+    keep = {f: getattr(a, f) for f in augment._BIAS_FIELDS}
+    assert dataclasses.replace(b, **keep) == a   # ... and every other draw as it was.
+  # Modality 0 is transformed identically; the others differ only by their bias.
+  np.testing.assert_array_equal(_modality(shared['image'], 0), _modality(apart['image'], 0))
+  assert not np.array_equal(_modality(shared['image'], 1), _modality(apart['image'], 1))
+
+
 def test_noise_has_the_configured_std_and_stays_in_the_foreground():
   ex, out, d = _only_intensity('noise_prob', noise_std=0.1)
   diffs = []
