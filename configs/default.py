@@ -112,7 +112,8 @@ def get_config():
                              # (measured on the demo at strength 0.8, p 0.5: worse everywhere;
                              # README, held-out check).
   a.bias_shared = False      # True: one bias field for every modality of an example (one coil);
-                             # measured (grid, 0.8, p 0.5): held-out 41.9% vs 52.7% (README).
+                             # measured (grid, 0.8, p 0.5): held-out 41.9% vs 52.7% on its first 8
+                             # patients, 21.6% vs 30.7% on 16 of a fresh seed (README).
   a.blur_prob = 0.15         # in-plane Gaussian blur ...
   a.blur_sigma = (0.5, 1.5)  # ... of this many pixels.
   a.lowres_prob = 0.15       # simulated low resolution: in-plane down-sampling ...
@@ -145,8 +146,9 @@ def get_config():
   lo.ce_weight = 0.0         # the code trains -Dice + CE; the paper Dice only.
   lo.dice_smooth = 1e-5
   # β: 0.5 = Dice (the paper); > 0.5 = Tversky, misses cost more. Measured once on the demo
-  # (clfc, β = 0.7): held-out Dice 42.8% and sensitivity 32.5% vs 52.7% / 40.5% with the Dice,
-  # so it did not make the model find more of an unfamiliar scan's tumour (README).
+  # (clfc, β = 0.7): held-out Dice 42.8% and sensitivity 32.5% vs 52.7% / 40.5% with the Dice
+  # (first 8 held-out patients; 16 of a fresh seed: 26.1% vs 30.7%), so it did not make the
+  # model find more of an unfamiliar scan's tumour (README).
   lo.dice_fn_weight = 0.5
   lo.sim_mask_mode = 'normal_only'  # 'normal_only' (SPEC) | 'zero_tumor' (code).
 
