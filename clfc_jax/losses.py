@@ -37,6 +37,26 @@ def dice_loss(logits, label, smooth, fn_weight=0.5):
                                       + smooth)
 
 
+def per_sample_dice_loss(logits, label, smooth):
+  """1 - mean over the slices that hold tumour of their own (2Σpy + s) / (Σp + Σy + s).
+
+  Why: pooled over the batch, a slice through a 0.5-ml tumour is a few pixels beside another
+  slice's thousands, and missing it costs almost nothing; here it weighs as much as any other
+  slice with tumour. Slices without tumour add nothing to this term (the CE still sees them);
+  a batch without any tumour falls back to the pooled Dice, which then penalises false
+  positives.
+  """
+  p = foreground_probability(logits)
+  y = (label > 0).astype(jnp.float32)
+  axes = tuple(range(1, p.ndim))
+  tp, sp, sy = jnp.sum(p * y, axes), jnp.sum(p, axes), jnp.sum(y, axes)
+  has = (sy > 0).astype(jnp.float32)
+  per = (2.0 * tp + smooth) / (sp + sy + smooth)
+  n = jnp.sum(has)
+  pooled = (2.0 * jnp.sum(tp) + smooth) / (jnp.sum(sp) + jnp.sum(sy) + smooth)
+  return 1.0 - jnp.where(n > 0, jnp.sum(per * has) / jnp.maximum(n, 1.0), pooled)
+
+
 def region_dice_loss(logits, targets, smooth):
   """Region-based soft Dice: sigmoid per region channel, one pooled Dice per region, their mean.
 
@@ -115,7 +135,13 @@ def segmentation_loss(outputs, label, config):
   logits = outputs['logits']
   n_regions = len(labels.region_names(config))
   if n_regions == 1:
-    dice = dice_loss(logits, label, lo.dice_smooth, lo.get('dice_fn_weight', 0.5))
+    pooling = lo.get('dice_pooling', 'batch')
+    if pooling == 'sample':
+      dice = per_sample_dice_loss(logits, label, lo.dice_smooth)
+    elif pooling == 'batch':
+      dice = dice_loss(logits, label, lo.dice_smooth, lo.get('dice_fn_weight', 0.5))
+    else:
+      raise ValueError(f"config.loss.dice_pooling={pooling!r}; expected 'batch' or 'sample'")
     ce = cross_entropy(logits, label)
   else:
     targets = level_targets(label, n_regions)

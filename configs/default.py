@@ -150,6 +150,8 @@ def get_config():
   # (first 8 held-out patients; 16 of a fresh seed: 26.1% vs 30.7%), so it did not make the
   # model find more of an unfamiliar scan's tumour (README).
   lo.dice_fn_weight = 0.5
+  lo.dice_pooling = 'batch'   # 'batch': one Dice over the batch (the paper, nnU-Net's batch
+                             # dice); 'sample': the mean Dice of the slices with tumour.
   lo.sim_mask_mode = 'normal_only'  # 'normal_only' (SPEC) | 'zero_tumor' (code).
 
   # --- Segmentation training (SPEC §7) --------------------------------------------------------

@@ -29,6 +29,38 @@ def test_dice_loss_hand_computed():
   assert float(both) == pytest.approx(1.0 - 2.5 / 4.25, rel=1e-6)
 
 
+def test_per_sample_dice_weighs_a_small_tumour_slice_like_a_large_one():
+  """Slice A: the four pixels (Dice 2.5 / 4.25). Slice B: a one-pixel tumour predicted at 0.25
+  among three 0.25 false pixels (Dice 0.5 / 2). Slice C: no tumour (left out). Pooled, B's
+  miss hardly counts; per sample it is half the loss."""
+  a_logits, a_label = four_pixels()
+  b_logits = jnp.array([[0.0, -LOG3]] * 4).reshape(1, 2, 2, 2)   # p = 0.25 everywhere
+  b_label = jnp.array([1, 0, 0, 0], jnp.int32).reshape(1, 2, 2)
+  c_logits, c_label = b_logits, jnp.zeros((1, 2, 2), jnp.int32)
+  logits = jnp.concatenate([a_logits, b_logits, c_logits])
+  label = jnp.concatenate([a_label, b_label, c_label])
+  per = 1.0 - 0.5 * (2.5 / 4.25 + 0.5 / 2.0)
+  assert float(losses.per_sample_dice_loss(logits, label, 0.0)) == pytest.approx(per, rel=1e-6)
+  pooled = 1.0 - (2.5 + 0.5) / (2.25 + 1.0 + 1.0 + 2.0 + 1.0)
+  assert float(losses.dice_loss(logits, label, 0.0)) == pytest.approx(pooled, rel=1e-6)
+  # The gradient on B's one tumour pixel (its foreground logit): per sample it is pushed up
+  # harder than when pooled with A's pixels.
+  push = lambda f: -float(jax.grad(lambda z: f(z, label, 0.0))(logits)[1, 0, 0, 1])
+  assert push(losses.per_sample_dice_loss) > 1.5 * push(losses.dice_loss) > 0
+  # A batch without tumour falls back to the pooled Dice (false positives still cost).
+  assert float(losses.per_sample_dice_loss(c_logits, c_label, 1e-5)) == pytest.approx(
+      float(losses.dice_loss(c_logits, c_label, 1e-5)), rel=1e-6)
+  config = get_config()
+  config.loss.dice_pooling = 'sample'
+  out = {'logits': logits}
+  total, metrics = losses.segmentation_loss(out, label, config)
+  assert float(metrics['dice_loss']) == pytest.approx(
+      float(losses.per_sample_dice_loss(logits, label, config.loss.dice_smooth)), rel=1e-6)
+  config.loss.dice_pooling = 'volume'
+  with pytest.raises(ValueError, match='dice_pooling'):
+    losses.segmentation_loss(out, label, config)
+
+
 def test_tversky_weights_misses_hand_computed():
   """β = 0.7: TP 1.25, FP Σp - TP = 1.0, FN Σy - TP = 0.75; β = 0.5 is the Dice exactly."""
   logits, label = four_pixels()
