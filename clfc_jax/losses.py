@@ -137,6 +137,9 @@ def segmentation_loss(outputs, label, config):
   if n_regions == 1:
     pooling = lo.get('dice_pooling', 'batch')
     if pooling == 'sample':
+      if lo.get('dice_fn_weight', 0.5) != 0.5:
+        raise ValueError('config.loss.dice_pooling=sample has no Tversky form; set '
+                         'loss.dice_fn_weight=0.5 or dice_pooling=batch')
       dice = per_sample_dice_loss(logits, label, lo.dice_smooth)
     elif pooling == 'batch':
       dice = dice_loss(logits, label, lo.dice_smooth, lo.get('dice_fn_weight', 0.5))

@@ -56,6 +56,9 @@ def test_per_sample_dice_weighs_a_small_tumour_slice_like_a_large_one():
   total, metrics = losses.segmentation_loss(out, label, config)
   assert float(metrics['dice_loss']) == pytest.approx(
       float(losses.per_sample_dice_loss(logits, label, config.loss.dice_smooth)), rel=1e-6)
+  config.loss.dice_fn_weight = 0.7   # the per-sample Dice has no Tversky form: not ignored
+  with pytest.raises(ValueError, match='no Tversky form'):
+    losses.segmentation_loss(out, label, config)
   config.loss.dice_pooling = 'volume'
   with pytest.raises(ValueError, match='dice_pooling'):
     losses.segmentation_loss(out, label, config)
