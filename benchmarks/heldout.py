@@ -78,14 +78,22 @@ def parse_args(argv=None):
   return ap.parse_args(argv)
 
 
-def score_mask(pred_path, label_path) -> dict:
-  """Dice, sensitivity, HD95 (mm) of a written mask against a label file on the same grid."""
-  pred_img, label_img = nib.load(str(pred_path)), nib.load(str(label_path))
-  pred, truth = np.asanyarray(pred_img.dataobj) > 0, np.asanyarray(label_img.dataobj) > 0
+def read_truth(label_path):
+  """(label image, whole-tumour mask, voxel spacing in mm) of a label file."""
+  label_img = nib.load(str(label_path))
+  spacing = tuple(float(z) for z in label_img.header.get_zooms()[:3])
+  return label_img, np.asanyarray(label_img.dataobj) > 0, spacing
+
+
+def score_mask(pred_path, label_path, truth=None) -> dict:
+  """Dice, sensitivity, HD95 (mm) of a written mask against a label file on the same grid
+  (`truth`: read_truth(label_path) when the caller has it already)."""
+  label_img, truth, spacing = truth or read_truth(label_path)
+  pred_img = nib.load(str(pred_path))
+  pred = np.asanyarray(pred_img.dataobj) > 0
   if pred.shape != truth.shape or not np.allclose(pred_img.affine, label_img.affine, atol=1e-3):
     raise ValueError(f'{pred_path}: not on the grid of {label_path} ({pred.shape} vs '
                      f'{truth.shape})')
-  spacing = tuple(float(z) for z in label_img.header.get_zooms()[:3])
   out = metrics.case_metrics(pred, truth, spacing)
   out['tumor_ml'] = float(truth.sum() * np.prod(spacing) / 1000.0)
   return out
@@ -177,15 +185,15 @@ def _score_cohort(args, config, models, profile, keep) -> dict:
     rows, ceiling = [], []
     for case in cases:
       label = root / 'cohort' / info[case.case_id]['path'] / f'{case.case_id}_seg.nii.gz'
-      row = score_mask(root / 'masks' / f'{case.case_id}{segment.OUTPUT_SUFFIXES["seg"]}', label)
+      truth = read_truth(label)
+      row = score_mask(root / 'masks' / f'{case.case_id}{segment.OUTPUT_SUFFIXES["seg"]}', label,
+                       truth)
       grid = info[case.case_id]['grid']
       rows.append(dict(case=case.case_id, shape=grid['shape'],
                        **{k: round(v, 4) for k, v in row.items()}))
       if getattr(args, 'ceiling', False):
-        label_img = nib.load(str(label))
-        truth = np.asanyarray(label_img.dataobj) > 0
-        spacing = tuple(float(z) for z in label_img.header.get_zooms()[:3])
-        best = metrics.case_metrics(ceiling_mask(case, label, models), truth, spacing)
+        _, mask, spacing = truth
+        best = metrics.case_metrics(ceiling_mask(case, label, models), mask, spacing)
         ceiling.append(dict(case=case.case_id, tumor_ml=round(row['tumor_ml'], 4),
                             **{k: round(float(v), 4) for k, v in best.items()}))
   out = {'summary': summarize(rows), 'cases': rows,
