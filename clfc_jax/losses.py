@@ -57,6 +57,16 @@ def per_sample_dice_loss(logits, label, smooth):
   return 1.0 - jnp.where(n > 0, jnp.sum(per * has) / jnp.maximum(n, 1.0), pooled)
 
 
+def sample_and_batch_dice_loss(logits, label, smooth):
+  """The mean of the pooled Dice loss and the per-slice one (dice_pooling='both').
+
+  Why: the per-slice term finds small tumours (a slice through a 0.5-ml tumour weighs like any
+  other), but it says nothing about slices without tumour, where the pooled term still counts
+  every false-positive pixel against the batch's tumour.
+  """
+  return 0.5 * (dice_loss(logits, label, smooth) + per_sample_dice_loss(logits, label, smooth))
+
+
 def region_dice_loss(logits, targets, smooth):
   """Region-based soft Dice: sigmoid per region channel, one pooled Dice per region, their mean.
 
@@ -136,15 +146,17 @@ def segmentation_loss(outputs, label, config):
   n_regions = len(labels.region_names(config))
   if n_regions == 1:
     pooling = lo.get('dice_pooling', 'batch')
-    if pooling == 'sample':
+    if pooling in ('sample', 'both'):
       if lo.get('dice_fn_weight', 0.5) != 0.5:
-        raise ValueError('config.loss.dice_pooling=sample has no Tversky form; set '
+        raise ValueError(f'config.loss.dice_pooling={pooling} has no Tversky form; set '
                          'loss.dice_fn_weight=0.5 or dice_pooling=batch')
-      dice = per_sample_dice_loss(logits, label, lo.dice_smooth)
+      loss_fn = per_sample_dice_loss if pooling == 'sample' else sample_and_batch_dice_loss
+      dice = loss_fn(logits, label, lo.dice_smooth)
     elif pooling == 'batch':
       dice = dice_loss(logits, label, lo.dice_smooth, lo.get('dice_fn_weight', 0.5))
     else:
-      raise ValueError(f"config.loss.dice_pooling={pooling!r}; expected 'batch' or 'sample'")
+      raise ValueError(f"config.loss.dice_pooling={pooling!r}; expected 'batch', 'sample' "
+                       "or 'both'")
     ce = cross_entropy(logits, label)
   else:
     targets = level_targets(label, n_regions)

@@ -55,6 +55,7 @@ def get_config(arg='clfc'):
   # short small-width run (seen once: clfc stuck at Dice loss 1.0 from epoch 3 on); CE keeps
   # a gradient there. Every method of the demo gets the same loss.
   c.loss.ce_weight = 1.0
+  c.loss.dice_pooling = 'both'   # EXPERIMENT
   if variant == 'study':
     s.tumor_cases = 60      # 12 test patients per fold, 60 paired differences per test.
     c.fold = -1

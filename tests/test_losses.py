@@ -64,6 +64,30 @@ def test_per_sample_dice_weighs_a_small_tumour_slice_like_a_large_one():
     losses.segmentation_loss(out, label, config)
 
 
+def test_both_pooling_also_charges_false_positives_on_slices_without_tumour():
+  """'sample' ignores a tumour-free slice beside a tumour slice, so false positives there are
+  free; 'both' (the mean of the pooled and the per-slice Dice) charges them."""
+  a_logits, a_label = four_pixels()
+  hot = jnp.array([[0.0, LOG3]] * 4).reshape(1, 2, 2, 2)   # p = 0.75 on a slice without tumour
+  logits = jnp.concatenate([a_logits, hot])
+  label = jnp.concatenate([a_label, jnp.zeros((1, 2, 2), jnp.int32)])
+  s = 1e-5
+  expected = 0.5 * (float(losses.dice_loss(logits, label, s))
+                    + float(losses.per_sample_dice_loss(logits, label, s)))
+  both = lambda z: losses.sample_and_batch_dice_loss(z, label, s)
+  assert float(both(logits)) == pytest.approx(expected, rel=1e-6)
+  grad = lambda f: jax.grad(f)(logits)[1, ..., 1]     # the empty slice's foreground logits
+  sample_grad = grad(lambda z: losses.per_sample_dice_loss(z, label, s))
+  assert float(jnp.abs(sample_grad).max()) == 0.0
+  assert float(grad(both).min()) > 0.0               # every false pixel is pushed down.
+  config = get_config()
+  config.loss.dice_pooling = 'both'
+  _, metrics = losses.segmentation_loss({'logits': logits}, label, config)
+  assert float(metrics['dice_loss']) == pytest.approx(
+      float(losses.sample_and_batch_dice_loss(logits, label, config.loss.dice_smooth)),
+      rel=1e-6)
+
+
 def test_tversky_weights_misses_hand_computed():
   """β = 0.7: TP 1.25, FP Σp - TP = 1.0, FN Σy - TP = 0.75; β = 0.5 is the Dice exactly."""
   logits, label = four_pixels()
