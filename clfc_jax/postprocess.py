@@ -107,8 +107,14 @@ def choose_min_volume(predictions: Sequence[np.ndarray], truths: Sequence[np.nda
   arrays (any non-zero is tumor); spacings: mm per axis. Only validation patients belong here.
   Returns {'min_volume_ml': chosen, 'mean_dice': {candidate: mean Dice}, 'baseline_dice':
   mean Dice without removal, 'cases': n}. A candidate must beat no removal by more than
-  pp.min_gain; ties go to the smaller volume.
+  pp.min_gain. Ties go to the smaller volume, or with pp.min_volume_ties='larger' to the
+  larger one (nnU-Net's rule: remove whenever removing does not cost validation Dice; a
+  validation set without stray components cannot tell the candidates apart, and test scans
+  may have them).
   """
+  ties = pp.get('min_volume_ties', 'smaller')
+  if ties not in ('smaller', 'larger'):
+    raise ValueError(f"postprocess.min_volume_ties={ties!r}; expected 'smaller' or 'larger'")
   n = len(predictions)
   if n == 0 or len(truths) != n or len(spacings) != n or (brains is not None and
                                                           len(brains) != n):
@@ -136,8 +142,13 @@ def choose_min_volume(predictions: Sequence[np.ndarray], truths: Sequence[np.nda
   mean = dice.mean(0)
   baseline = float(mean[0])
   best = 0
-  for j in range(1, len(candidates)):   # ascending: a later one must be strictly better.
-    if mean[j] > mean[best] and mean[j] > baseline + float(pp.min_gain):
+  for j in range(1, len(candidates)):   # ascending: a later one must be better (or tie).
+    floor = baseline + float(pp.min_gain)
+    if ties == 'larger':
+      take = mean[j] >= mean[best] and mean[j] >= floor
+    else:
+      take = mean[j] > mean[best] and mean[j] > floor
+    if take:
       best = j
   return {'min_volume_ml': candidates[best],
           'mean_dice': {c: float(m) for c, m in zip(candidates, mean)},

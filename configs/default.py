@@ -273,6 +273,9 @@ def get_config():
   pp.threshold_candidates = (0.2, 0.3, 0.4, 0.5)
   pp.connectivity = 26       # neighbours that join voxels into a component: 6 | 18 | 26.
   pp.keep_largest = True     # the largest component is kept whatever its volume.
+  # Candidates with equal validation Dice: 'smaller' (keep the most) or 'larger' (nnU-Net:
+  # remove whenever it does not cost validation Dice).
+  pp.min_volume_ties = 'smaller'
 
   c.report = r = ml_collections.ConfigDict()
   r.figures = True           # Figs. 2-4, pseudo-normal examples, training curves (report/figures/).

@@ -140,6 +140,30 @@ def test_no_removal_unless_it_helps():
   assert report['min_volume_ml'] == 0.0
 
 
+def test_ties_go_to_the_larger_volume_only_when_asked():
+  """Without stray specks, removing components below 0.01-0.05 ml changes no validation Dice:
+  'smaller' keeps everything, 'larger' (nnU-Net) takes the largest candidate that costs
+  nothing, and never one that removes a true satellite."""
+  preds, truths, spacings = _validation_set(1, stray=False)
+  pp = _pp(min_volume_candidates=(0.01, 0.05, 1.0))
+  brute = _brute_force(preds, truths, spacings, pp)
+  assert brute[0.01] == brute[0.05] == brute[0.0] > brute[1.0]   # 1 ml drops satellites.
+  assert postprocess.choose_min_volume(preds, truths, spacings, pp)['min_volume_ml'] == 0.0
+  larger = postprocess.choose_min_volume(preds, truths, spacings,
+                                         _pp(min_volume_candidates=(0.01, 0.05, 1.0),
+                                             min_volume_ties='larger'))
+  assert larger['min_volume_ml'] == 0.05
+  # With specks, both rules take the best candidate.
+  preds, truths, spacings = _validation_set(0)
+  chosen = [postprocess.choose_min_volume(preds, truths, spacings,
+                                          _pp(min_volume_ties=t))['min_volume_ml']
+            for t in ('smaller', 'larger')]
+  brute = _brute_force(preds, truths, spacings, _pp())
+  assert all(brute[c] == max(brute.values()) for c in chosen)
+  with pytest.raises(ValueError, match='min_volume_ties'):
+    postprocess.choose_min_volume(preds, truths, spacings, _pp(min_volume_ties='middle'))
+
+
 def test_choose_min_volume_restricts_to_the_brain_and_thresholds_probabilities():
   preds, truths, spacings = _validation_set(2)
   probs = [np.where(p, 0.9, 0.1).astype(np.float32) for p in preds]
