@@ -151,9 +151,10 @@ def get_config():
   # model find more of an unfamiliar scan's tumour (README).
   lo.dice_fn_weight = 0.5
   # 'batch': one Dice over the batch (the paper, nnU-Net's batch dice); 'sample': the mean Dice
-  # of the slices with tumour (slices without tumour add nothing); 'both': the mean of the two. Measured on the demo (clfc, 3 seeds): held-out Dice 41.7 vs 34.1%
-  # (16 patients, seed 2027) and 41.1 vs 34.4% (seed 3031), demo test 84.7 vs 83.5%, but lower
-  # validation Dice and one far false positive on a test patient (README): not yet the default.
+  # of the slices with tumour (slices without tumour add nothing); 'both': the mean of the two.
+  # 'sample' on the demo (clfc, 3 seeds): held-out Dice 41.7 vs 34.1% (16 patients, seed 2027)
+  # and 41.1 vs 34.4% (seed 3031), but lower validation Dice and far false positives; the demo
+  # trains with 'both' (configs/demo.py, README). The paper's pooled Dice stays the default.
   lo.dice_pooling = 'batch'
   lo.sim_mask_mode = 'normal_only'  # 'normal_only' (SPEC) | 'zero_tumor' (code).
 
