@@ -142,8 +142,8 @@ def choose_min_volume(predictions: Sequence[np.ndarray], truths: Sequence[np.nda
   mean = dice.mean(0)
   baseline = float(mean[0])
   best = 0
+  floor = baseline + float(pp.min_gain)
   for j in range(1, len(candidates)):   # ascending: a later one must be better (or tie).
-    floor = baseline + float(pp.min_gain)
     if ties == 'larger':
       take = mean[j] >= mean[best] and mean[j] >= floor
     else:
