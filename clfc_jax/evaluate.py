@@ -344,9 +344,11 @@ def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
       pseudo = (inputs.load_pseudo_normal(wd.pseudo_normal_file(case_id, wd.introvae_key(fold)),
                                           pc.brain.shape)
                 if config.model.use_normal_net else None)
-      return pc, predict.predict_volume(fns, variables, inputs.case_inputs(pc, refs, config,
-                                                                           pseudo),
-                                        batch_size, mesh)
+      case = inputs.case_inputs(pc, refs, config, pseudo)
+      adapted = predict.case_batch_norm(
+          fns, variables, case, inputs.brain_slices(pc.brain, config.data.min_brain_fraction),
+          config, mesh)
+      return pc, predict.predict_volume(fns, adapted, case, batch_size, mesh)
 
     if choice is None:
       choice = choose_postprocessing(config, split['val'], case_prob)

@@ -4,6 +4,8 @@ clfc_jax.segment (big_vision style: evaluators receive predict functions, not ch
 
   predict_slices      any jitted `(params, batch) -> [B, ...]` over N slices, in fixed batches
   segmenter_fns       a method's compiled eval (probability), attention and raw-output functions
+  case_batch_norm     variables whose BatchNorm statistics lean towards one case's own
+                      (test-time adaptation, config.eval.case_bn_weight)
   load_segmenter      a run's best checkpoint -> variables
   load_introvae       the frozen IntroVAE -> its parameters; reconstruct_volume -> pseudo-normal
                       (Dec(μ), the restoration or the inpainting, config.introvae.inference)
@@ -75,6 +77,7 @@ class SegmenterFns(NamedTuple):
   eval: Callable                  # (variables, batch) -> {'probs' [B,H,W](,R), 'pred' [B,H,W]}
   attention: Optional[Callable]   # (variables, batch) -> A_1..A_4 [B,H,W,4] (CLFC methods)
   apply: Callable                 # (variables, batch) -> the model's raw outputs (figures)
+  batch_statistics: Callable      # (variables, batch) -> the batch's own BatchNorm statistics
 
 
 def attention_maps(variables, batch, *, model):
@@ -91,6 +94,16 @@ def _apply(variables, batch, *, model):
   return model.apply(variables, batch['image'], batch.get('normal'), train=False)
 
 
+def _batch_statistics(variables, batch, *, model):
+  """{module: {'mean', 'var'}}: the batch's own statistics of every BatchNorm that shapes the
+  prediction (the encoders'; the SimSiam heads only train). A train-mode pass with momentum 0
+  returns them as its new running statistics; no parameter changes."""
+  _, new = model.clone(bn_momentum=0.0, simsiam=False).apply(
+      variables, batch['image'], batch.get('normal'), train=True, mutable=['batch_stats'])
+  return {name: stats for name, stats in new['batch_stats'].items()
+          if not name.startswith('simsiam')}
+
+
 @functools.cache
 def _segmenter_fns(config: ml_collections.FrozenConfigDict, mesh) -> SegmenterFns:
   config = config.as_configdict()
@@ -103,7 +116,9 @@ def _segmenter_fns(config: ml_collections.FrozenConfigDict, mesh) -> SegmenterFn
   return SegmenterFns(model=model, eval=train_lib.make_jitted_steps(config, mesh, model).eval,
                       attention=attention,
                       apply=jax.jit(functools.partial(_apply, model=model),
-                                    in_shardings=(repl, data)))
+                                    in_shardings=(repl, data)),
+                      batch_statistics=jax.jit(functools.partial(_batch_statistics, model=model),
+                                               in_shardings=(repl, data), out_shardings=repl))
 
 
 def segmenter_fns(config, mesh) -> SegmenterFns:
@@ -120,6 +135,37 @@ def load_segmenter(config, run_dir, mesh):
   """({'params', 'batch_stats'} of the best checkpoint in run_dir, its step), replicated."""
   state, step, _ = trainer.restore_state(config, run_dir, best=True, mesh=mesh)
   return state.variables, step
+
+
+def case_batch_norm(fns: SegmenterFns, variables, inputs: Mapping[str, np.ndarray],
+                    brain_slices, config, mesh):
+  """`variables` whose BatchNorm statistics are (1 - w) x the running ones + w x this case's
+  own, w = config.eval.case_bn_weight; `variables` itself at w = 0 (the paper).
+
+  Why: a scan from another scanner shifts every encoder channel's mean and variance, and the
+  running statistics of the training scans then misplace the features the rest of the network
+  reads. Mixing in the case's own statistics is Schneider et al. 2020 (covariate-shift
+  adaptation, their prior weight N/(N+n)); w = 1 is AdaBN (Li et al. 2016). The statistics come
+  from one train-mode pass over at most eval.case_bn_slices of the case's slices that hold brain
+  (`brain_slices`, as the shards hold them), evenly spaced: one pass, so that every layer's
+  statistics are taken under the previous layers' case statistics, as in training.
+  """
+  weight = float(config.eval.get('case_bn_weight', 0.0))
+  if not 0.0 <= weight <= 1.0:
+    raise ValueError(f'config.eval.case_bn_weight={weight}; expected a weight in [0, 1]')
+  brain_slices = np.asarray(brain_slices, int)
+  if weight == 0.0 or not len(brain_slices):
+    return variables
+  n_dev = len(mesh.local_devices)
+  count = max(n_dev, min(len(brain_slices), int(config.eval.case_bn_slices)) // n_dev * n_dev)
+  pick = brain_slices[np.round(np.linspace(0, len(brain_slices) - 1, count)).astype(int)]
+  batch = {name: np.asarray(v[pick], np.float32) for name, v in inputs.items()}
+  case = fns.batch_statistics(variables, sharding_lib.global_batch(batch, mesh))
+  stats = dict(variables['batch_stats'])
+  for name, own in case.items():
+    stats[name] = jax.tree.map(lambda run, own: (1.0 - weight) * run + weight * own,
+                               stats[name], own)
+  return {**variables, 'batch_stats': stats}
 
 
 def predict_volume(fns: SegmenterFns, variables, inputs: Mapping[str, np.ndarray],

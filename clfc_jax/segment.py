@@ -338,11 +338,15 @@ def segment_case(models: Models, case: Case, out_dir, *, save_prob: bool = False
       raise CaseError(next(iter(case.images.values())).path, e.problem) from None
     seconds['preprocess'] += time.perf_counter() - tick
     tick = time.perf_counter()
-    prob = prob + predict.predict_volume(member.fns, member.variables, case_inputs,
-                                         models.eval_batch, models.mesh)
+    variables = predict.case_batch_norm(
+        member.fns, member.variables, case_inputs,
+        inputs.brain_slices(pc.brain, member.config.data.min_brain_fraction), member.config,
+        models.mesh)
+    prob = prob + predict.predict_volume(member.fns, variables, case_inputs, models.eval_batch,
+                                         models.mesh)
     if save_attention:
       attention = attention + predict.predict_slices(
-          member.fns.attention, member.variables, case_inputs, models.eval_batch, models.mesh)
+          member.fns.attention, variables, case_inputs, models.eval_batch, models.mesh)
     seconds['segment'] += time.perf_counter() - tick
   prob = prob / len(models.members)
 

@@ -258,6 +258,10 @@ def get_config():
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 32          # slices per jitted prediction call.
   e.tta = False              # mirroring test-time augmentation.
+  # Test-time BatchNorm adaptation (predict.case_batch_norm): the weight of each case's own
+  # statistics against the training running ones; 0 = the running statistics (the paper).
+  e.case_bn_weight = 0.0
+  e.case_bn_slices = 64      # at most this many of a case's brain slices give its statistics.
   e.threshold = 0.5          # on the native-space foreground probability (after linear resampling).
   e.wt_label = 1             # label value of whole tumor in the written predictions (BraTS style).
 

@@ -249,3 +249,57 @@ def test_external_predictions_become_a_table1_row_with_a_p_value(cohort, tmp_pat
                                                                     'other': Path('/x')}
   with pytest.raises(ValueError, match='name=FOLDER'):
     external.parse_methods('nnunet')
+
+
+def test_case_batch_norm_normalises_with_the_case_own_statistics(cohort):
+  """Weight 1 is AdaBN: predicting with the adapted statistics equals a train-mode pass (batch
+  statistics) over the same slices, so a global scanner gain on every input cancels, which
+  fixed statistics do not; weight 0.5 is the midpoint, weight 0 the variables themselves."""
+  config, model, variables = cohort['config'], cohort['model'], cohort['variables']
+  pc = _test_case(cohort)
+  pseudo = inputs_lib.load_pseudo_normal(cohort['wd'].pseudo_normal_file(pc.case_id, 0),
+                                         pc.brain.shape)
+  brain = inputs_lib.brain_slices(pc.brain, config.data.min_brain_fraction)
+  idx = brain[:len(brain) // 4 * 4]
+  case = {k: v[idx] for k, v in inputs_lib.case_inputs(pc, cohort['refs'], config,
+                                                       pseudo).items()}
+  label = pc.label[idx].astype(np.int32)
+  mesh = sharding.make_mesh()
+  fns = predict.segmenter_fns(config, mesh)
+  config = config.copy_and_resolve_references()
+  config.eval.case_bn_weight, config.eval.case_bn_slices = 1.0, len(idx)
+
+  def adapted_prob(inputs, weight=1.0):
+    config.eval.case_bn_weight = weight
+    adapted = predict.case_batch_norm(fns, variables, inputs, np.arange(len(idx)), config, mesh)
+    return adapted, predict.predict_volume(fns, adapted, inputs, 8, mesh)
+
+  adapted, prob = adapted_prob(case)
+  out, _ = jax.jit(lambda image, normal, label: model.apply(
+      variables, image, normal, label=label, train=True, mutable=['batch_stats']))(
+          case['image'], case['normal'], label)
+  expected = np.asarray(jax.nn.softmax(out['logits'], axis=-1)[..., 1])
+  np.testing.assert_allclose(prob, expected, atol=1e-4)
+  assert prob.std() > 0.01
+
+  gained = {k: 1.7 * v for k, v in case.items()}
+  _, prob_gained = adapted_prob(gained)
+  np.testing.assert_allclose(prob_gained, prob, atol=1e-3)
+  # Statistics fixed at this case's (a model trained on this scanner) do not cancel the gain.
+  fixed = predict.predict_volume(fns, adapted, gained, 8, mesh)
+  assert np.abs(fixed - prob).max() > 100 * np.abs(prob_gained - prob).max()
+
+  half, _ = adapted_prob(case, 0.5)
+  for name in adapted['batch_stats']:
+    jax.tree.map(lambda h, a, r: np.testing.assert_allclose(h, 0.5 * (a + r), rtol=1e-5,
+                                                            atol=1e-6),
+                 half['batch_stats'][name], adapted['batch_stats'][name],
+                 variables['batch_stats'][name])
+  assert {n for n in adapted['batch_stats']
+          if adapted['batch_stats'][n] is not variables['batch_stats'][n]} == {
+              'backbone_encoder', 'normal_encoder'}
+  config.eval.case_bn_weight = 0.0
+  assert predict.case_batch_norm(fns, variables, case, idx, config, mesh) is variables
+  config.eval.case_bn_weight = 1.5
+  with pytest.raises(ValueError, match='case_bn_weight'):
+    predict.case_batch_norm(fns, variables, case, idx, config, mesh)
