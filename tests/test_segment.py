@@ -397,3 +397,20 @@ def test_bad_input_names_the_file_and_writes_nothing(trained, tmp_path, fault):
   assert not out.exists()
   assert sorted(p.name for p in (tmp_path / 'pat_X').iterdir()) == sorted(
       p.name for p in (tmp_path / 'pat_X').glob('pat_X_*.nii.gz'))   # no stray temporaries
+
+
+def test_case_batch_norm_applies_to_new_patients(trained, tmp_path):
+  """eval.case_bn_weight reaches segment: the case's own BatchNorm statistics change the
+  probability, and the tumour is still found."""
+  config = trained['config'].copy_and_resolve_references()
+  config.eval.case_bn_weight = 1.0
+  models = segment.load_models(config, trained['wd'].root)
+  paths, truth = _store(trained['subjects'][7], 'RAS', (slice(None),) * 3, tmp_path / 'in',
+                        'pat_B')
+  case = segment.case_from_files(paths)
+  probs = {}
+  for name, m in (('running', trained['models']), ('case', models)):
+    outputs = segment.segment_case(m, case, tmp_path / name, save_prob=True)['outputs']
+    probs[name] = np.asarray(nib.load(outputs['prob']).dataobj)
+    assert _dice(nib.load(outputs['seg']).dataobj, truth) >= 0.7
+  assert np.abs(probs['case'] - probs['running']).max() > 1e-3

@@ -144,7 +144,8 @@ def network_outputs(config, workdir, method: str, cases: Sequence[tuple],
   mc = default.method_config(config, method)
   wd = Workdir(workdir)
   mesh = sharding_lib.make_mesh(jax.local_devices())
-  apply = predict.segmenter_fns(mc, mesh).apply
+  fns = predict.segmenter_fns(mc, mesh)
+  apply = fns.apply
   count = int(slices_per_case)
   shown = display_modality(list(mc.dataset.modalities))
   batches = {'case': [], 'slice': [], 'image': [], 'label': [], 'brain': [], 'in': [],
@@ -165,14 +166,18 @@ def network_outputs(config, workdir, method: str, cases: Sequence[tuple],
     batches['image'].append(pc.modality(shown)[picked])
     batches['label'].append(np.asarray(pc.label)[picked])
     batches['brain'].append(np.asarray(pc.brain)[picked])
-    batches['in'].append((fold, inputs['image'][picked],
+    # The case's own BatchNorm statistics where evaluation used them (eval.case_bn_weight).
+    adapted = predict.case_batch_norm(
+        fns, variables[fold], inputs,
+        inputs_lib.brain_slices(pc.brain, mc.data.min_brain_fraction), mc, mesh)
+    batches['in'].append((adapted, inputs['image'][picked],
                           inputs['normal'][picked] if 'normal' in inputs else None))
   probs, levels = [], []
-  for fold, image, normal in batches['in']:
+  for case_variables, image, normal in batches['in']:
     n = len(image)
     batch = {'image': image} if normal is None else {'image': image, 'normal': normal}
     # Every call gets `count` slices: one compiled program per method.
-    out = predict.predict_slices(lambda v, b: _logits_and_levels(apply(v, b)), variables[fold],
+    out = predict.predict_slices(lambda v, b: _logits_and_levels(apply(v, b)), case_variables,
                                  batch, predict.round_batch(count, mesh), mesh)
     logits = np.asarray(out['logits'], np.float32)[:n]
     if len(labels.region_names(mc)) == 1:   # the softmax's foreground probability
