@@ -22,7 +22,9 @@ config saved next to it, with that fold's histogram references prep/hist_refs_fo
 Without --ensemble one fold is used: --fold, else config.fold when >= 0, else the lowest
 trained fold (the log says which). --ensemble averages the foreground probability of every
 trained fold's model, each fed with its own fold's matching. --tta adds the four in-plane
-mirrorings.
+mirrorings. --case-bn-weight=w normalises each patient's features half (w = 0.5) or wholly
+(w = 1) with that patient's own BatchNorm statistics (config.eval.case_bn_weight), for scans
+unlike the training ones.
 
 Optional outputs, all on the input's grid like the mask (float32):
   --save-prob            <id>_prob.nii.gz           tumor probability (what the mask thresholds;
@@ -186,12 +188,14 @@ def _postprocessing(wd: Workdir, method, folds, config) -> tuple:
 
 def load_models(config=None, workdir=None, *, method: Optional[str] = None,
                 fold: Optional[int] = None, ensemble: bool = False,
-                tta: Optional[bool] = None, mesh=None) -> Models:
+                tta: Optional[bool] = None, case_bn_weight: Optional[float] = None,
+                mesh=None) -> Models:
   """Restores the segmenter(s) and the IntroVAE of `workdir` once, for any number of patients.
 
   config: None = each model's own saved config (WORKDIR/config.json, runs/<method>/fold<k>/
   config.json, introvae/config.json); a ConfigDict overrides them all. method: default
-  config.method. fold / ensemble: see the module docstring. tta: None = config.eval.tta.
+  config.method. fold / ensemble: see the module docstring. tta: None = config.eval.tta;
+  case_bn_weight: None = config.eval.case_bn_weight (predict.case_batch_norm).
   """
   if workdir is None:
     raise ValueError('load_models needs the workdir of a trained main job')
@@ -211,6 +215,10 @@ def load_models(config=None, workdir=None, *, method: Optional[str] = None,
     cfg = cfg.copy_and_resolve_references()
     if tta is not None:
       cfg.eval.tta = bool(tta)
+    if case_bn_weight is not None:
+      cfg.eval.case_bn_weight = float(case_bn_weight)
+    if not 0.0 <= cfg.eval.get('case_bn_weight', 0.0) <= 1.0:
+      raise ValueError(f'case_bn_weight={cfg.eval.case_bn_weight}: expected a weight in [0, 1]')
     if _preprocessing(cfg) != _preprocessing(base):
       raise ValueError(f'{saved}: fold {k} was trained with other prep settings or '
                        'modalities than the workdir config; pass --config to choose')
@@ -427,6 +435,8 @@ _FOLD = flags.DEFINE_integer('fold', None, "Fold whose model segments (default: 
 _ENSEMBLE = flags.DEFINE_bool('ensemble', False, "Average every trained fold's model.")
 _TTA = flags.DEFINE_bool('tta', None, 'Mirroring test-time augmentation (default: '
                          'config.eval.tta).')
+_CASE_BN = flags.DEFINE_float('case-bn-weight', None, "Weight in [0, 1] of each patient's own "
+                              'BatchNorm statistics (default: config.eval.case_bn_weight).')
 _CASE_DIR = flags.DEFINE_string('case-dir', None, 'One patient folder.')
 _INPUT_DIR = flags.DEFINE_string('input-dir', None, 'A folder of patients (batch mode).')
 _IMAGE = flags.DEFINE_string('image', None, 'One 4-D file holding every modality (MSD).')
@@ -440,7 +450,7 @@ _SAVE_ATTENTION = flags.DEFINE_bool('save-attention', False,
                                     'Also write <id>_attention.nii.gz (A_1..A_4).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace existing outputs.')
 for _name in ('case-dir', 'input-dir', 'case-id', 'save-prob', 'save-pseudo-normal',
-              'save-attention'):
+              'save-attention', 'case-bn-weight'):
   flags.DEFINE_alias(_name.replace('-', '_'), _name)
 flags.mark_flags_as_required(['workdir', 'out'])
 FLAGS = flags.FLAGS
@@ -540,7 +550,8 @@ def main(argv) -> int:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
   try:
     models = load_models(_CONFIG.value, workdir, method=_METHOD.value, fold=_FOLD.value,
-                         ensemble=_ENSEMBLE.value, tta=_TTA.value)
+                         ensemble=_ENSEMBLE.value, tta=_TTA.value,
+                         case_bn_weight=_CASE_BN.value)
     check_options(models, **options)
   except (FileNotFoundError, ValueError) as e:   # no trained model / options it cannot serve
     print(f'segment: {e}', file=sys.stderr)

@@ -400,11 +400,10 @@ def test_bad_input_names_the_file_and_writes_nothing(trained, tmp_path, fault):
 
 
 def test_case_batch_norm_applies_to_new_patients(trained, tmp_path):
-  """eval.case_bn_weight reaches segment: the case's own BatchNorm statistics change the
-  probability, and the tumour is still found."""
-  config = trained['config'].copy_and_resolve_references()
-  config.eval.case_bn_weight = 1.0
-  models = segment.load_models(config, trained['wd'].root)
+  """--case-bn-weight reaches every patient: its own BatchNorm statistics change the
+  probability, and the tumour is still found; a weight outside [0, 1] is refused up front."""
+  models = segment.load_models(None, trained['wd'].root, case_bn_weight=1.0)
+  assert models.members[0].config.eval.case_bn_weight == 1.0
   paths, truth = _store(trained['subjects'][7], 'RAS', (slice(None),) * 3, tmp_path / 'in',
                         'pat_B')
   case = segment.case_from_files(paths)
@@ -414,3 +413,6 @@ def test_case_batch_norm_applies_to_new_patients(trained, tmp_path):
     probs[name] = np.asarray(nib.load(outputs['prob']).dataobj)
     assert _dice(nib.load(outputs['seg']).dataobj, truth) >= 0.7
   assert np.abs(probs['case'] - probs['running']).max() > 1e-3
+  assert _cli(f'--workdir={trained["wd"].root}', f'--case-dir={paths["t1"].parent}',
+              f'--out={tmp_path / "bad"}', '--case-bn-weight=1.5') == 1
+  assert not (tmp_path / 'bad').exists()
