@@ -1,6 +1,7 @@
 """Seconds per whole patient: 240x240x155 at 1 mm, 4 modalities, from NIfTI files to a NIfTI.
 
-`python -m benchmarks.inference [--cases 2] [--method clfc] [--dtype float32] [--quick]`
+`python -m benchmarks.inference [--cases 2] [--method clfc] [--dtype float32] [--quick]
+[--case-bn-weight 0.5]`
 writes fresh synthetic 1 mm patients (data_prep.synthetic, no label read) and times each
 phase of `clfc_jax.segment.segment_case` on one: load (read + check the files), preprocess
 (MNI registration, resampling, histogram matching, 2.5D stacks), introvae (pseudo-normal T1 of every brain
@@ -46,6 +47,8 @@ def parse_args(argv=None):
   ap.add_argument('--quick', action='store_true', help='demo configuration (smoke test)')
   ap.add_argument('--patient-spacing', type=float, default=1.0,
                   help='mm; the synthetic patients\' voxel size (1 = 240x240x155)')
+  ap.add_argument('--case-bn-weight', type=float, default=None,
+                  help="config.eval.case_bn_weight (default: the config's)")
   ap.add_argument('--out', default=str(RESULTS), help="JSON to write; '' = none")
   return ap.parse_args(argv)
 
@@ -110,6 +113,8 @@ def run(args, config=None) -> dict:
   """The suite's record; `config` replaces the one args describe (tests: a tiny model)."""
   config = (config or make_config(args.method, args.dtype, args.quick)).copy_and_resolve_references()
   config.fold = 0
+  if getattr(args, 'case_bn_weight', None) is not None:
+    config.eval.case_bn_weight = float(args.case_bn_weight)
   per_case = []
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
@@ -143,6 +148,7 @@ def run(args, config=None) -> dict:
                  'crop_hw': list(config.prep.crop_hw), 'k': config.data.k,
                  'width': config.model.width, 'introvae_channels': list(config.introvae.channels),
                  'eval_batch': models.eval_batch, 'tta': config.eval.tta,
+                 'case_bn_weight': config.eval.case_bn_weight,
                  'recon_batch': config.introvae.recon_batch_size if models.introvaes else None},
       'weights': 'Freshly initialised weights (speed does not depend on their values).',
       'path': 'clfc_jax.segment.load_models once, then segment_case per patient (NIfTI in, '
