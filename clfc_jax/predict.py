@@ -163,8 +163,8 @@ def case_batch_norm(fns: SegmenterFns, variables, inputs: Mapping[str, np.ndarra
   case = fns.batch_statistics(variables, sharding_lib.global_batch(batch, mesh))
   stats = dict(variables['batch_stats'])
   for name, own in case.items():
-    stats[name] = jax.tree.map(lambda run, own: (1.0 - weight) * run + weight * own,
-                               stats[name], own)
+    stats[name] = jax.tree.map(lambda running, of_case: (1.0 - weight) * running
+                               + weight * of_case, stats[name], own)
   return {**variables, 'batch_stats': stats}
 
 
