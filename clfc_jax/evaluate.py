@@ -345,9 +345,7 @@ def evaluate_fold(config, workdir, fold: int, method: Optional[str] = None, *,
                                           pc.brain.shape)
                 if config.model.use_normal_net else None)
       case = inputs.case_inputs(pc, refs, config, pseudo)
-      adapted = predict.case_batch_norm(
-          fns, variables, case, inputs.brain_slices(pc.brain, config.data.min_brain_fraction),
-          config, mesh)
+      adapted = predict.case_batch_norm(fns, variables, case, pc.brain, config, mesh)
       return pc, predict.predict_volume(fns, adapted, case, batch_size, mesh)
 
     if choice is None:

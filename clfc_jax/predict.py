@@ -29,6 +29,7 @@ from clfc_jax.models import segmenter
 from clfc_jax.train import introvae_trainer
 from clfc_jax.train import steps as train_lib
 from clfc_jax.train import trainer
+from data_prep import inputs as inputs_lib
 
 
 def round_batch(batch_size: int, mesh) -> int:
@@ -137,8 +138,8 @@ def load_segmenter(config, run_dir, mesh):
   return state.variables, step
 
 
-def case_batch_norm(fns: SegmenterFns, variables, inputs: Mapping[str, np.ndarray],
-                    brain_slices, config, mesh):
+def case_batch_norm(fns: SegmenterFns, variables, inputs: Mapping[str, np.ndarray], brain,
+                    config, mesh):
   """`variables` whose BatchNorm statistics are (1 - w) x the running ones + w x this case's
   own, w = config.eval.case_bn_weight; `variables` itself at w = 0 (the paper).
 
@@ -147,14 +148,16 @@ def case_batch_norm(fns: SegmenterFns, variables, inputs: Mapping[str, np.ndarra
   reads. Mixing in the case's own statistics is Schneider et al. 2020 (covariate-shift
   adaptation, their prior weight N/(N+n)); w = 1 is AdaBN (Li et al. 2016). The statistics come
   from one train-mode pass over at most eval.case_bn_slices of the case's slices that hold brain
-  (`brain_slices`, as the shards hold them), evenly spaced: one pass, so that every layer's
-  statistics are taken under the previous layers' case statistics, as in training.
+  (`brain` [Z, H, W]; the slices the shards hold), evenly spaced: one pass, so that every
+  layer's statistics are taken under the previous layers' case statistics, as in training.
   """
   weight = float(config.eval.get('case_bn_weight', 0.0))
   if not 0.0 <= weight <= 1.0:
     raise ValueError(f'config.eval.case_bn_weight={weight}; expected a weight in [0, 1]')
-  brain_slices = np.asarray(brain_slices, int)
-  if weight == 0.0 or not len(brain_slices):
+  if weight == 0.0:
+    return variables
+  brain_slices = inputs_lib.brain_slices(brain, config.data.min_brain_fraction)
+  if not len(brain_slices):
     return variables
   n_dev = len(mesh.local_devices)
   count = max(n_dev, min(len(brain_slices), int(config.eval.case_bn_slices)) // n_dev * n_dev)

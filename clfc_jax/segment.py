@@ -346,10 +346,8 @@ def segment_case(models: Models, case: Case, out_dir, *, save_prob: bool = False
       raise CaseError(next(iter(case.images.values())).path, e.problem) from None
     seconds['preprocess'] += time.perf_counter() - tick
     tick = time.perf_counter()
-    variables = predict.case_batch_norm(
-        member.fns, member.variables, case_inputs,
-        inputs.brain_slices(pc.brain, member.config.data.min_brain_fraction), member.config,
-        models.mesh)
+    variables = predict.case_batch_norm(member.fns, member.variables, case_inputs, pc.brain,
+                                        member.config, models.mesh)
     prob = prob + predict.predict_volume(member.fns, variables, case_inputs, models.eval_batch,
                                          models.mesh)
     if save_attention:

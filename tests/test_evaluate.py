@@ -271,7 +271,7 @@ def test_case_batch_norm_normalises_with_the_case_own_statistics(cohort):
 
   def adapted_prob(inputs, weight=1.0):
     config.eval.case_bn_weight = weight
-    adapted = predict.case_batch_norm(fns, variables, inputs, np.arange(len(idx)), config, mesh)
+    adapted = predict.case_batch_norm(fns, variables, inputs, pc.brain[idx], config, mesh)
     return adapted, predict.predict_volume(fns, adapted, inputs, 8, mesh)
 
   adapted, prob = adapted_prob(case)
@@ -299,7 +299,7 @@ def test_case_batch_norm_normalises_with_the_case_own_statistics(cohort):
           if adapted['batch_stats'][n] is not variables['batch_stats'][n]} == {
               'backbone_encoder', 'normal_encoder'}
   config.eval.case_bn_weight = 0.0
-  assert predict.case_batch_norm(fns, variables, case, idx, config, mesh) is variables
+  assert predict.case_batch_norm(fns, variables, case, pc.brain[idx], config, mesh) is variables
   config.eval.case_bn_weight = 1.5
   with pytest.raises(ValueError, match='case_bn_weight'):
-    predict.case_batch_norm(fns, variables, case, idx, config, mesh)
+    predict.case_batch_norm(fns, variables, case, pc.brain[idx], config, mesh)

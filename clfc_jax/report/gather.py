@@ -167,9 +167,7 @@ def network_outputs(config, workdir, method: str, cases: Sequence[tuple],
     batches['label'].append(np.asarray(pc.label)[picked])
     batches['brain'].append(np.asarray(pc.brain)[picked])
     # The case's own BatchNorm statistics where evaluation used them (eval.case_bn_weight).
-    adapted = predict.case_batch_norm(
-        fns, variables[fold], inputs,
-        inputs_lib.brain_slices(pc.brain, mc.data.min_brain_fraction), mc, mesh)
+    adapted = predict.case_batch_norm(fns, variables[fold], inputs, pc.brain, mc, mesh)
     batches['in'].append((adapted, inputs['image'][picked],
                           inputs['normal'][picked] if 'normal' in inputs else None))
   probs, levels = [], []
