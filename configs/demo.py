@@ -65,8 +65,8 @@ def get_config(arg='clfc'):
   # Remove small components whenever that costs no validation Dice (nnU-Net): with 3 validation
   # patients and no stray component among them every candidate ties, and 'smaller' would keep
   # a test patient's 0.1-0.3 ml specks 80 mm from the tumour (HD95 86 mm vs 4 mm). It costs
-  # the held-out cohort 1-3.5 points, and its ceiling falls from 89.1 to 82.0% (small true foci
-  # of multi-focal tumours go too): a trade still to settle on validation data (README).
+  # the held-out cohort 1-3.5 points, and its ceiling falls from 89.1 to 82.0-83.7% (small true
+  # foci of multi-focal tumours go too): a trade still to settle on validation data (README).
   c.postprocess.min_volume_ties = 'larger'
   # Half the running BatchNorm statistics, half each test case's own (predict.case_batch_norm;
   # Schneider et al. 2020). Measured on the demo's three training seeds, evaluation only:
