@@ -138,6 +138,14 @@ def load_segmenter(config, run_dir, mesh):
   return state.variables, step
 
 
+def case_bn_weight(config) -> float:
+  """config.eval.case_bn_weight, checked to lie in [0, 1]; 0 for configs saved before it."""
+  weight = float(config.eval.get('case_bn_weight', 0.0))
+  if not 0.0 <= weight <= 1.0:
+    raise ValueError(f'config.eval.case_bn_weight={weight}; expected a weight in [0, 1]')
+  return weight
+
+
 def case_batch_norm(fns: SegmenterFns, variables, inputs: Mapping[str, np.ndarray], brain,
                     config, mesh):
   """`variables` whose BatchNorm statistics are (1 - w) x the running ones + w x this case's
@@ -151,9 +159,7 @@ def case_batch_norm(fns: SegmenterFns, variables, inputs: Mapping[str, np.ndarra
   (`brain` [Z, H, W]; the slices the shards hold), evenly spaced: one pass, so that every
   layer's statistics are taken under the previous layers' case statistics, as in training.
   """
-  weight = float(config.eval.get('case_bn_weight', 0.0))
-  if not 0.0 <= weight <= 1.0:
-    raise ValueError(f'config.eval.case_bn_weight={weight}; expected a weight in [0, 1]')
+  weight = case_bn_weight(config)
   if weight == 0.0:
     return variables
   brain_slices = inputs_lib.brain_slices(brain, config.data.min_brain_fraction)

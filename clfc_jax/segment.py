@@ -217,8 +217,7 @@ def load_models(config=None, workdir=None, *, method: Optional[str] = None,
       cfg.eval.tta = bool(tta)
     if case_bn_weight is not None:
       cfg.eval.case_bn_weight = float(case_bn_weight)
-    if not 0.0 <= cfg.eval.get('case_bn_weight', 0.0) <= 1.0:
-      raise ValueError(f'case_bn_weight={cfg.eval.case_bn_weight}: expected a weight in [0, 1]')
+    predict.case_bn_weight(cfg)   # a bad weight is refused before any patient is read
     if _preprocessing(cfg) != _preprocessing(base):
       raise ValueError(f'{saved}: fold {k} was trained with other prep settings or '
                        'modalities than the workdir config; pass --config to choose')
