@@ -289,6 +289,8 @@ def get_config():
   r.feature_slices = 4       # axial slices per patient (through the tumor) for Figs. 3 and 4.
   r.feature_points = 1500    # at most this many points per region and feature map in Fig. 3.
   r.dpi = 100
+  # Table 1 again per whole-tumour volume bin (native label, ml), cut at these volumes; () = off.
+  r.volume_strata_ml = (5.0, 30.0)
   # External native-space predictions scored as extra Table 1 rows ('name=FOLDER[,...]', e.g.
   # 'nnunet=/data/nnunet_preds': <case>.nii.gz from nnUNetv2_predict trained on our splits,
   # data_prep.folds.save_nnunet_splits), their labels in external_convention (data_prep.labels).

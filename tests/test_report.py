@@ -4,6 +4,7 @@ import re
 import shutil
 
 import jax
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
@@ -12,6 +13,7 @@ from benchmarks import pipeline
 from clfc_jax import checkpoints, run_log, stats
 from clfc_jax.report import page as report
 from clfc_jax.train import steps as train
+from clfc_jax.workdir import Workdir
 from clfc_jax.models import segmenter
 from configs import demo
 from data_prep import store
@@ -122,6 +124,54 @@ def test_figures_without_their_inputs_are_skipped_with_a_note(tmp_path):
   # Tables only, on request: no figure sections at all.
   index = report.write_report(_config(), tmp_path, with_figures=False)['index'].read_text()
   assert 'Fig. 2' not in index and 'Table 1' in index
+
+
+def test_table1_by_tumour_volume_splits_every_method_by_the_native_label(tmp_path):
+  results = _results()
+  _write(tmp_path, results)
+  cases = Workdir(tmp_path).prep_cases
+  cases.mkdir(parents=True)
+  affine = np.diag([2.0, 2.0, 2.5, 1.0])   # 10 mm^3 per voxel: 100 voxels = 1 ml.
+  voxels = {0: 200, 1: 200, 2: 1000, 3: 1000, 4: 4000, 5: 4000}
+  volumes = {}
+  for k in FOLDS:
+    for j, n in voxels.items():
+      patient = f'P{k}{j:02d}'
+      if patient == 'P105':
+        continue                             # no prepared case: left out, and named.
+      n = 500 if patient == 'P100' else n    # exactly 5 ml: the bin above the edge.
+      label = np.zeros((20, 20, 20), np.uint8)
+      label.reshape(-1)[:n] = 2
+      label.reshape(-1)[:n // 4] = 4           # every tumour label counts.
+      path = tmp_path / 'labels' / f'{patient}_seg.nii.gz'
+      path.parent.mkdir(exist_ok=True)
+      nib.save(nib.Nifti1Image(label, affine), str(path))
+      (cases / f'{patient}.json').write_text(f'{{"label_file": "{path}"}}')
+      volumes[patient] = n / 100.0
+  index = report.write_report(_config(), tmp_path, with_figures=False)['index'].read_text()
+  section = index.split('## Table 1 by tumour volume')[1].split('\n## ')[0]
+  assert 'Left out (no prepared case or label file): P105.' in section
+  dice = {m: {p: d for k in FOLDS for p, d, _, _ in results[m][k]} for m in METHODS}
+  bins = {'< 5 ml': lambda v: v < 5, '5-30 ml': lambda v: 5 <= v < 30,
+          '>= 30 ml': lambda v: v >= 30}
+  for label, inside in bins.items():
+    ids = sorted(p for p, v in volumes.items() if inside(v))
+    assert len(ids) == {'< 5 ml': 3, '5-30 ml': 5, '>= 30 ml': 3}[label]
+    for m in METHODS:
+      values = np.array([dice[m][p] for p in ids]) * 100
+      row = f'| {label} | {report.tables.method_name(m)} | {len(ids)} | {values.mean():.2f} ± '
+      assert row in section, (row, section)
+    p = scipy_stats.wilcoxon([dice['clfc'][i] for i in ids],
+                             [dice['baseline1'][i] for i in ids]).pvalue
+    line = next(l for l in section.splitlines() if l.startswith(f'| {label} | Baseline-1 |'))
+    assert line.endswith(f'| {stats.format_p(p)} |')
+  # Off in the config: no such section, and no label is read.
+  config = _config()
+  config.report.volume_strata_ml = ()
+  index = report.write_report(config, tmp_path, with_figures=False)['index'].read_text()
+  assert 'by tumour volume' not in index
+  with pytest.raises(ValueError, match='volume_strata_ml'):
+    report.tables.volume_strata({'a': 1.0}, (0.0, 5.0))
 
 
 # --- figures from a small real workdir ---------------------------------------------------------

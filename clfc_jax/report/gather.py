@@ -99,6 +99,27 @@ def _canonical(path):
   return np.asarray(data, np.float32), img.header.get_zooms()[:3]
 
 
+def truth_volumes_ml(workdir, patients: Sequence[str], convention: str) -> tuple:
+  """({patient: whole-tumour volume in ml of its native label file}, [patients left out]).
+
+  The volume is what the patient brings, not what a method predicts, so the report can split
+  every method's results by it. A patient whose prepared case or label file is gone (moved
+  data, an external method's extra cases) is left out and named rather than failing the report.
+  """
+  wd = Workdir(workdir)
+  volumes, left_out = {}, []
+  for patient in patients:
+    try:
+      meta = store.load_prepared_meta(wd.prep_cases, patient)
+      data, zooms = _canonical(meta['label_file'])
+      wt = labels.region_masks(data, convention, 'wt')[..., 0]
+    except (OSError, KeyError, ValueError, nib.filebasedimages.ImageFileError):
+      left_out.append(patient)
+      continue
+    volumes[patient] = float(wt.sum()) * float(np.prod(zooms, dtype=np.float64)) / 1000.0
+  return volumes, left_out
+
+
 def native_axial_row(meta: Mapping, predictions: Mapping[str, Optional[Path]],
                      dice: Mapping[str, float], title: str, convention: str) -> dict:
   """One row of Fig. 2 in the patient's native space: the axial slice (of the canonical RAS+

@@ -52,6 +52,8 @@ class ReportContext:
   # task.regions 'wt_tc_et': {region: per_patient} of every region ('wt' is `per_patient`).
   regions: dict = dataclasses.field(default_factory=dict)
   cache: dict = dataclasses.field(default_factory=dict)   # inputs shared by figure sections
+  # ({patient: native whole-tumour ml}, [patients left out]) for the table by volume.
+  volumes: Optional[tuple] = None
 
 
 # --- sections of index.md ----------------------------------------------------------------------
@@ -78,6 +80,14 @@ def section_table1(ctx: ReportContext) -> str:
 
 def section_fold_means(ctx: ReportContext) -> str:
   return tables.fold_means_table(ctx.per_patient, ctx.folds)
+
+
+def section_volume_strata(ctx: ReportContext) -> str:
+  edges = _report_config(ctx).get('volume_strata_ml', ())
+  if not edges or not ctx.volumes or not ctx.volumes[0]:
+    return ''
+  volumes, left_out = ctx.volumes
+  return tables.volume_table(ctx.per_patient, volumes, edges, left_out)
 
 
 def section_paper(ctx: ReportContext) -> str:
@@ -329,7 +339,7 @@ def section_introvae(ctx: ReportContext) -> str:
 
 
 SECTIONS: list[Callable[[ReportContext], str]] = [
-    section_missing, section_table1, section_fold_means, section_paper,
+    section_missing, section_table1, section_fold_means, section_volume_strata, section_paper,
     section_segmentation_examples, section_feature_pca, section_attention,
     section_pseudo_normals, section_training_curves, section_introvae]
 
@@ -386,14 +396,20 @@ def write_report(config, workdir, methods: Optional[Sequence[str]] = None,
       missing = list(missing) + lacking
   report_dir = Workdir(workdir).report
   report_dir.mkdir(parents=True, exist_ok=True)
+  report_config = config.get('report', None) or _DEFAULT_REPORT
   if with_figures is None:
-    with_figures = bool((config.get('report', None) or _DEFAULT_REPORT).get('figures', True))
+    with_figures = bool(report_config.get('figures', True))
+  volumes = None
+  if report_config.get('volume_strata_ml', ()):
+    patients = sorted({str(p) for r in per_patient.values() for p in r['patient']})
+    volumes = gather.truth_volumes_ml(workdir, patients, config.task.label_convention)
   ctx = ReportContext(config=config, methods=methods, folds=folds,
                       per_patient={m: per_patient[m] for m in methods if m in per_patient},
                       report_dir=report_dir, missing=missing,
                       paths={'table1_md': report_dir / 'table1.md',
                              'table1_csv': report_dir / 'table1.csv'},
-                      workdir=Path(workdir) if with_figures else None, regions=regions)
+                      workdir=Path(workdir) if with_figures else None, regions=regions,
+                      volumes=volumes)
   scored = ('whole tumor' if not regions else
             ', '.join(r.upper() for r in region_names) + ' (nested regions)')
   header = (f'# CLFC report: {config.dataset.name}\n\n'

@@ -2,7 +2,9 @@
 p-values against CLFC (clfc_jax.stats), per-fold means, and the paper's numbers beside ours."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -75,6 +77,66 @@ def table1(per_patient, path_md, path_csv, region: str = '') -> str:
                  'lesions score 0 and 374 mm).' if len(metrics) > len(stats.METRICS) else '')
   return (f'## {title}, native space\n\n' + Path(path_md).read_text()
           + f'\nMean ± sample std over patients. {note}{lesion_note}\n')
+
+
+def volume_strata(volumes: Mapping[str, float], edges_ml: Sequence[float]) -> list:
+  """[(label, {patients})] of the whole-tumour volume bins cut at `edges_ml` (ml), ascending;
+  a patient exactly on an edge goes to the bin above it."""
+  edges = sorted({float(e) for e in edges_ml})
+  if any(not math.isfinite(e) or e <= 0 for e in edges):
+    raise ValueError(f'report.volume_strata_ml must be positive volumes in ml, got {edges_ml}')
+  bounds = [0.0, *edges, math.inf]
+  strata = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    label = (f'< {hi:g} ml' if lo == 0.0 else f'>= {lo:g} ml' if math.isinf(hi) else
+             f'{lo:g}-{hi:g} ml')
+    strata.append((label, {p for p, v in volumes.items() if lo <= v < hi}))
+  return strata
+
+
+def _restrict(per_patient, patients) -> dict:
+  """per_patient with only the rows of `patients`."""
+  out = {}
+  for method, results in per_patient.items():
+    keep = [i for i, p in enumerate(results['patient']) if str(p) in patients]
+    out[method] = {k: [v[i] for i in keep] for k, v in results.items()}
+  return out
+
+
+def volume_table(per_patient, volumes: Mapping[str, float], edges_ml: Sequence[float],
+                 left_out: Sequence[str] = ()) -> str:
+  """Table 1 split by each patient's whole-tumour volume (its native label), with the
+  Wilcoxon p of Dice against CLFC within each bin.
+
+  Why: a mean over patients hides where a method wins; small tumours are where a scan from
+  elsewhere is missed first, and where a comparison with the normal appearance should help.
+  """
+  reference = REFERENCE_METHOD if (REFERENCE_METHOD in per_patient
+                                   and _same_patients(per_patient)) else None
+  lines = ['## Table 1 by tumour volume', '',
+           '| Whole-tumour volume | Method | n | '
+           + ' | '.join(stats.METRIC_HEADER[m] for m in stats.METRICS)
+           + f' | p (Dice vs {method_name(REFERENCE_METHOD)}) |',
+           '|' + '---|' * (4 + len(stats.METRICS))]
+  for label, patients in volume_strata(volumes, edges_ml):
+    sub = _restrict(per_patient, patients)
+    if not any(r['patient'] for r in sub.values()):
+      continue
+    p_values = (stats.wilcoxon_vs(sub, reference) if reference and
+                len(sub[reference]['patient']) > 0 else {})
+    for row in stats.table1(sub):
+      if row['n'] == 0:
+        continue
+      cells = [f'{row[f"{m}_mean"]:.2f} ± {row[f"{m}_std"]:.2f}' for m in stats.METRICS]
+      p = ('—' if row['method'] == reference or row['method'] not in p_values
+           else stats.format_p(p_values[row['method']]))
+      lines.append(f'| {label} | {method_name(row["method"])} | {row["n"]} | '
+                   + ' | '.join(cells) + f' | {p} |')
+  lines += ['', 'Volume: the whole tumour of each test patient\'s native label file (ml). p: '
+            'two-sided Wilcoxon signed-rank test of patient-wise Dice within the bin.']
+  if left_out:
+    lines.append(f'Left out (no prepared case or label file): {", ".join(sorted(left_out))}.')
+  return '\n'.join(lines) + '\n'
 
 
 def fold_means_table(per_patient, folds) -> str:
