@@ -96,6 +96,11 @@ def format_p(p: float) -> str:
   return f'{p:.4e}' if p < 1e-3 else f'{p:.4f}'
 
 
+def mean_std_cells(row, metrics=METRICS) -> list:
+  """A table1() row's `mean ± std` cells (Table 1 units, two decimals), one per metric."""
+  return [f'{row[f"{m}_mean"]:.2f} ± {row[f"{m}_std"]:.2f}' for m in metrics]
+
+
 def write_table1(path_md, path_csv, per_patient, reference: str = 'clfc',
                  test_metric: str = 'dice', metrics=METRICS) -> list:
   """Writes Table 1 as Markdown (`91.86 ± 4.63`) and CSV (full precision); returns the rows."""
@@ -108,7 +113,7 @@ def write_table1(path_md, path_csv, per_patient, reference: str = 'clfc',
   lines = ['| Method | n | ' + ' | '.join(METRIC_HEADER[m] for m in metrics) + f' | {p_header} |',
            '|' + '---|' * (len(metrics) + 3)]
   for row in rows:
-    cells = [f'{row[f"{m}_mean"]:.2f} ± {row[f"{m}_std"]:.2f}' for m in metrics]
+    cells = mean_std_cells(row, metrics)
     p = '—' if row['method'] == reference else format_p(row['p'])
     lines.append(f'| {METHOD_NAMES.get(row["method"], row["method"])} | {row["n"]} | '
                  + ' | '.join(cells) + f' | {p} |')

@@ -122,12 +122,11 @@ def volume_table(per_patient, volumes: Mapping[str, float], edges_ml: Sequence[f
     sub = _restrict(per_patient, patients)
     if not any(r['patient'] for r in sub.values()):
       continue
-    p_values = (stats.wilcoxon_vs(sub, reference) if reference and
-                len(sub[reference]['patient']) > 0 else {})
+    p_values = stats.wilcoxon_vs(sub, reference) if reference else {}
     for row in stats.table1(sub):
       if row['n'] == 0:
         continue
-      cells = [f'{row[f"{m}_mean"]:.2f} ± {row[f"{m}_std"]:.2f}' for m in stats.METRICS]
+      cells = stats.mean_std_cells(row)
       p = ('—' if row['method'] == reference or row['method'] not in p_values
            else stats.format_p(p_values[row['method']]))
       lines.append(f'| {label} | {method_name(row["method"])} | {row["n"]} | '
